@@ -1,0 +1,44 @@
+# GAIR pipeline: `make demo` (set up + run the main job on the embedded sample) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+export GAIR_DATA_ROOT ?= $(CURDIR)/gair_data
+export DAGSTER_HOME ?= $(GAIR_DATA_ROOT)/dagster_home
+
+.PHONY: install demo test test-fast dev bench lint sample clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: install  ## run the main job for every region of config/regions.yaml (default: the synthetic sample)
+	$(BIN)/python -m pipelines.demo
+
+test: install  ## the whole suite, slow tests included (CI runs this)
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+dev: install  ## Dagster UI on http://127.0.0.1:3000 (runs of `make demo` show up there)
+	$(BIN)/python -c "from pipelines.demo import prepare_dagster_home; from pathlib import Path; prepare_dagster_home(Path('$(GAIR_DATA_ROOT)'))"
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+bench: install  ## benchmarks; figures go to bench/results/*.json
+	$(BIN)/python bench/pairing_bench.py
+	@if [ -f bench/shards_bench.py ]; then $(BIN)/python bench/shards_bench.py; fi
+	@if [ -f bench/train_cpu.py ]; then $(BIN)/python bench/train_cpu.py; fi
+
+lint: install
+	$(BIN)/ruff check .
+
+sample: install  ## (re)generate the synthetic sample region only
+	$(BIN)/python -m gair_model.data.sample_region --force
+
+clean:
+	rm -rf $(GAIR_DATA_ROOT) .pytest_cache

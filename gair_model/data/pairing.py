@@ -1,0 +1,174 @@
+"""Pairs street-view points with tiles in DuckDB (spatial extension loaded offline from its wheel).
+
+The SQL lives in ``sql/pair_points.sql``; this module prepares its inputs and writes GeoParquet.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from gair_model.data.geo import MERC_HALF, UtmGrid
+
+log = logging.getLogger(__name__)
+
+SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+
+
+def spatial_extension_path() -> Path:
+    """Path of the DuckDB spatial extension binary shipped by ``duckdb-extension-spatial``."""
+    try:
+        root = resources.files("duckdb_extension_spatial") / "extensions"
+    except ModuleNotFoundError as exc:
+        raise RuntimeError("duckdb-extension-spatial is not installed (pip install -e .)") from exc
+    found = sorted(Path(str(root)).rglob("spatial.duckdb_extension"))
+    if not found:
+        raise RuntimeError(f"no spatial.duckdb_extension under {root}")
+    version_dir = f"v{duckdb.__version__}"
+    for path in found:
+        if path.parent.name == version_dir:
+            return path
+    raise RuntimeError(f"duckdb {duckdb.__version__} needs the matching duckdb-extension-spatial "
+                       f"(found {[p.parent.name for p in found]}); pin them to the same version")
+
+
+def connect(memory_limit: str | None = None, threads: int | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the spatial extension loaded (never downloaded)."""
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    con.execute(f"LOAD '{spatial_extension_path()}'")
+    if memory_limit:
+        con.execute(f"SET memory_limit = '{memory_limit}'")
+    if threads:
+        con.execute(f"SET threads = {int(threads)}")
+    return con
+
+
+def read_sql(name: str) -> str:
+    """Text of ``sql/<name>``."""
+    path = SQL_DIR / name
+    if not path.exists():
+        raise FileNotFoundError(f"SQL file missing: {path}")
+    return path.read_text()
+
+
+def grids_table(tiles: pd.DataFrame, margin_deg: float = 0.05) -> pd.DataFrame:
+    """One row per regular grid present in the tiles (an XYZ zoom, or one UTM zone), with its extent."""
+    rows = []
+    for (grid, crs, width), g in tiles.groupby(["grid", "tile_crs", "tile_width"]):
+        size = float((g["tile_maxx"] - g["tile_minx"]).iloc[0])
+        first = g["tile_id"].iloc[0]
+        if grid == "xyz":
+            zoom = int(first.split("-")[0][1:])
+            origin_x, origin_y, prefix = -MERC_HALF, MERC_HALF, f"z{zoom}-"
+        else:
+            epsg = int(crs.split(":")[1])
+            ug = UtmGrid(epsg, int(width), size / int(width))
+            origin_x, origin_y = 0.0, 0.0
+            prefix = ug.tile_id(0, 0)[: -len("x0-y0")]
+        rows.append({"grid": grid, "tile_crs": crs, "origin_x": origin_x, "origin_y": origin_y, "size": size,
+                     "prefix": prefix, "lon_min": g["lon_min"].min() - margin_deg,
+                     "lat_min": g["lat_min"].min() - margin_deg, "lon_max": g["lon_max"].max() + margin_deg,
+                     "lat_max": g["lat_max"].max() + margin_deg})
+    return pd.DataFrame(rows, columns=["grid", "tile_crs", "origin_x", "origin_y", "size", "prefix", "lon_min",
+                                       "lat_min", "lon_max", "lat_max"])
+
+
+@dataclass
+class PairingResult:
+    """Counts from one pairing run."""
+
+    points: int
+    paired: int
+    outside: int
+    capped: int
+    tiles_with_points: int
+    seconds: float
+
+
+def pair_points(points_path: str | Path, tiles_path: str | Path, out_path: str | Path, *,
+                max_points_per_tile: int | None = None, unpaired_path: str | Path | None = None,
+                con: duckdb.DuckDBPyConnection | None = None) -> PairingResult:
+    """Pair every point with the one tile that contains it; write GeoParquet atomically.
+
+    Args:
+        points_path: Parquet with ``sv_id, lon, lat, image_uri, heading, captured_at`` (validated points).
+        tiles_path: the tile grid GeoParquet (``docs/DATA_CONTRACT.md``).
+        out_path: where the pairs GeoParquet goes.
+        max_points_per_tile: optional cap (a deterministic hash-ordered subset is kept).
+        unpaired_path: optional Parquet of the points that fell outside every tile.
+        con: an existing connection (from ``connect``); a new one otherwise.
+
+    Returns:
+        Counts of the run.
+    """
+    t0 = time.perf_counter()
+    con = con or connect()
+    out_path, tiles_path = Path(out_path), Path(tiles_path)
+    if max_points_per_tile is not None and max_points_per_tile < 1:
+        raise ValueError("max_points_per_tile must be >= 1 or None")
+    con.execute(f"CREATE OR REPLACE TEMP VIEW points AS SELECT sv_id, lon, lat, image_uri, heading, captured_at "
+                f"FROM read_parquet('{_q(points_path)}')")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE tiles AS SELECT * FROM read_parquet('{_q(tiles_path)}')")
+    tiles_meta = con.execute("SELECT tile_id, grid, tile_crs, tile_width, tile_minx, tile_maxx, lon_min, lat_min, "
+                             "lon_max, lat_max FROM tiles").df()
+    con.register("grids_df", grids_table(tiles_meta))
+    con.execute("CREATE OR REPLACE TEMP TABLE grids AS SELECT * FROM grids_df")
+    query = read_sql("pair_points.sql")
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    *setup, select = [s for s in _strip_comments(query).split(";") if s.strip()]
+    for statement in setup:
+        con.execute(statement)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE in_tile AS {select}")
+    cap = "" if max_points_per_tile is None else f"WHERE rank_in_tile <= {int(max_points_per_tile)}"
+    con.execute(f"COPY (SELECT * EXCLUDE (rank_in_tile) FROM in_tile {cap} ORDER BY tile_id, sv_id) "
+                f"TO '{_q(tmp)}' (FORMAT parquet, COMPRESSION zstd)")
+    os.replace(tmp, out_path)
+    n_points = con.execute("SELECT count(*) FROM points").fetchone()[0]
+    in_tile, paired, n_tiles = con.execute(
+        f"SELECT count(*), count(*) FILTER ({cap.replace('WHERE', '') or 'TRUE'}), count(DISTINCT tile_id) "
+        "FROM in_tile").fetchone()
+    if unpaired_path is not None:
+        unpaired_path = Path(unpaired_path)
+        tmp_u = unpaired_path.with_name(f".{unpaired_path.name}.tmp-{os.getpid()}")
+        con.execute(f"COPY (SELECT p.* FROM points p ANTI JOIN in_tile USING (sv_id) ORDER BY sv_id) "
+                    f"TO '{_q(tmp_u)}' (FORMAT parquet)")
+        os.replace(tmp_u, unpaired_path)
+    con.execute("DROP TABLE in_tile")
+    return PairingResult(int(n_points), int(paired), int(n_points - in_tile), int(in_tile - paired), int(n_tiles),
+                         time.perf_counter() - t0)
+
+
+def _q(path) -> str:
+    return str(path).replace("'", "''")
+
+
+def _strip_comments(sql: str) -> str:
+    return "\n".join(line for line in sql.splitlines() if not line.strip().startswith("--"))
+
+
+def offset_spread(pairs: pd.DataFrame, bins: int = 4) -> dict:
+    """How offsets spread over the tile: quantiles of x/y and the share of occupied ``bins x bins`` cells."""
+    if pairs.empty:
+        return {"n": 0}
+    cells = (pairs["x"] * bins).clip(upper=bins - 1).astype(int) * bins + (pairs["y"] * bins).clip(
+        upper=bins - 1).astype(int)
+    centre = ((pairs["x"] - 0.5).abs() < 0.05) & ((pairs["y"] - 0.5).abs() < 0.05)
+    return {
+        "n": int(len(pairs)),
+        "x_quantiles": [round(float(v), 4) for v in pairs["x"].quantile([0.05, 0.25, 0.5, 0.75, 0.95])],
+        "y_quantiles": [round(float(v), 4) for v in pairs["y"].quantile([0.05, 0.25, 0.5, 0.75, 0.95])],
+        "x_std": round(float(pairs["x"].std(ddof=0)), 4),
+        "y_std": round(float(pairs["y"].std(ddof=0)), 4),
+        "occupied_cells": f"{int(cells.nunique())}/{bins * bins}",
+        "share_near_centre": round(float(centre.mean()), 4),
+        "uniform_std": round(1 / math.sqrt(12), 4),
+    }

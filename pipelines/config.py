@@ -1,0 +1,125 @@
+"""Region configuration: the YAML file whose regions become the Dagster partitions."""
+
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gair_model.data.geo import check_bbox
+from gair_model.data.stac_catalog import SearchParams
+from gair_model.data.tile_grid import GridConfig, SplitConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_REGIONS_FILE = REPO_ROOT / "config" / "regions.yaml"
+SAMPLE_PREFIX = "sample://"
+
+
+def data_root() -> Path:
+    """The data root: ``$GAIR_DATA_ROOT`` or ``gair_data`` in the current directory."""
+    return Path(os.environ.get("GAIR_DATA_ROOT", "gair_data")).resolve()
+
+
+def regions_file() -> Path:
+    """The regions file: ``$GAIR_REGIONS`` or ``config/regions.yaml``."""
+    return Path(os.environ.get("GAIR_REGIONS", DEFAULT_REGIONS_FILE)).resolve()
+
+
+@dataclass(frozen=True)
+class StreetViewSource:
+    """Where a region's street-view points come from: ``table`` (GeoParquet/CSV) or ``exif_folder``."""
+
+    kind: str
+    path: str
+    image_root: str | None = None
+
+    def resolve(self, base: Path) -> Path:
+        """Absolute path; ``sample://`` points into the embedded sample, relative paths to the config file."""
+        if self.path.startswith(SAMPLE_PREFIX):
+            return data_root() / "sample" / self.path[len(SAMPLE_PREFIX):]
+        p = Path(self.path)
+        return p if p.is_absolute() else (base / p).resolve()
+
+    @property
+    def uses_sample(self) -> bool:
+        """Whether the source is the embedded synthetic sample."""
+        return self.path.startswith(SAMPLE_PREFIX)
+
+
+@dataclass(frozen=True)
+class RegionConfig:
+    """Everything one region partition needs."""
+
+    name: str
+    bbox: tuple[float, float, float, float]
+    collections: tuple[str, ...]
+    datetime: str | None
+    max_cloud_cover: float | None
+    max_items: int | None
+    grid: GridConfig
+    split: SplitConfig
+    streetview: StreetViewSource
+    max_points_per_tile: int | None = None
+    description: str = ""
+    base_dir: Path = field(default=REPO_ROOT)
+
+    def search_params(self) -> SearchParams:
+        """The STAC search for this region."""
+        return SearchParams(collections=self.collections, bbox=self.bbox, datetime=self.datetime,
+                            max_cloud_cover=self.max_cloud_cover, max_items=self.max_items)
+
+
+def _merge(defaults: dict, region: dict) -> dict:
+    out = dict(defaults)
+    for k, v in region.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _region(name: str, raw: dict[str, Any], base: Path) -> RegionConfig:
+    if "bbox" not in raw:
+        raise ValueError(f"region {name!r}: 'bbox' is required ([west, south, east, north])")
+    sv = raw.get("streetview")
+    if not sv or "path" not in sv:
+        raise ValueError(f"region {name!r}: 'streetview: {{kind, path}}' is required")
+    if sv.get("kind", "table") not in ("table", "exif_folder"):
+        raise ValueError(f"region {name!r}: streetview.kind must be 'table' or 'exif_folder'")
+    cap = raw.get("max_points_per_tile")
+    return RegionConfig(
+        name=name,
+        bbox=check_bbox(raw["bbox"]),
+        collections=tuple(raw.get("collections", ["sentinel-2-l2a"])),
+        datetime=raw.get("datetime"),
+        max_cloud_cover=raw.get("max_cloud_cover"),
+        max_items=raw.get("max_items"),
+        grid=GridConfig(**raw.get("tile_grid", {})),
+        split=SplitConfig(**raw.get("split", {})),
+        streetview=StreetViewSource(kind=sv.get("kind", "table"), path=sv["path"], image_root=sv.get("image_root")),
+        max_points_per_tile=int(cap) if cap is not None else None,
+        description=raw.get("description", ""),
+        base_dir=base,
+    )
+
+
+def load_regions(path: Path | None = None) -> dict[str, RegionConfig]:
+    """Parse and validate the regions file.
+
+    Raises:
+        ValueError: with the region and field at fault.
+    """
+    path = path or regions_file()
+    if not path.exists():
+        raise FileNotFoundError(f"regions file not found: {path} (set GAIR_REGIONS)")
+    doc = yaml.safe_load(path.read_text()) or {}
+    regions = doc.get("regions") or {}
+    if not regions:
+        raise ValueError(f"{path}: no regions declared")
+    defaults = doc.get("defaults", {})
+    out = {}
+    for name, raw in regions.items():
+        if not name or not all(c.isalnum() or c in "-_" for c in name):
+            raise ValueError(f"region name {name!r} must use only letters, digits, '-' and '_'")
+        out[name] = _region(name, _merge(defaults, raw or {}), path.parent)
+    return out

@@ -1,0 +1,30 @@
+"""Jobs and the dataset-refresh schedule."""
+
+
+import dagster as dg
+
+from pipelines.pairing.assets import pairs
+from pipelines.partitions import REGIONS
+from pipelines.reports.assets import run_summary
+from pipelines.stac.assets import stac_items, tile_grid
+from pipelines.streetview.assets import sv_points
+
+#: The main job: one region partition from STAC search to training-ready data.
+build_dataset_job = dg.define_asset_job(
+    "build_dataset",
+    selection=dg.AssetSelection.assets(stac_items, tile_grid, sv_points, pairs),
+    description="STAC search -> tile grid -> street-view points -> pairs, for one region partition.",
+)
+
+#: Rewrites reports/run_summary.json from what every stage last wrote.
+summary_job = dg.define_asset_job("run_summary_job", selection=dg.AssetSelection.assets(run_summary))
+
+
+@dg.schedule(job=build_dataset_job, cron_schedule="0 3 * * 1", default_status=dg.DefaultScheduleStatus.STOPPED,
+             description="Weekly dataset refresh: re-search STAC for every region (new items are picked up).")
+def dataset_refresh_schedule(context: dg.ScheduleEvaluationContext):
+    """One run per region; run keys are deterministic (region + scheduled date), so a tick never runs twice."""
+    day = context.scheduled_execution_time.strftime("%Y-%m-%d")
+    for region in sorted(REGIONS):
+        yield dg.RunRequest(run_key=f"refresh-{region}-{day}", partition_key=region,
+                            tags={"gair/refresh": day})

@@ -1,0 +1,19 @@
+"""The DuckDB engine used by the pairing assets (spatial extension loaded offline)."""
+
+
+import dagster as dg
+import duckdb
+from pydantic import Field
+
+from gair_model.data.pairing import connect
+
+
+class DuckDBEngine(dg.ConfigurableResource):
+    """An in-memory DuckDB with the spatial extension from the pinned wheel (no download)."""
+
+    memory_limit: str = Field(default="2GB", description="DuckDB memory_limit")
+    threads: int = Field(default=0, description="0 = DuckDB's default (all cores)")
+
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        """A fresh connection."""
+        return connect(memory_limit=self.memory_limit, threads=self.threads or None)

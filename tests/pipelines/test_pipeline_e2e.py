@@ -1,0 +1,123 @@
+"""The Dagster code location end to end on the embedded synthetic sample (no network)."""
+
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dagster as dg
+import geopandas as gpd
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gair_data")
+    old = os.environ.get("GAIR_DATA_ROOT")
+    os.environ["GAIR_DATA_ROOT"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("GAIR_DATA_ROOT", None)
+    else:
+        os.environ["GAIR_DATA_ROOT"] = old
+
+
+def test_definitions_load():
+    from pipelines.definitions import defs
+
+    keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert {"stac_items", "tile_grid", "sv_points", "pairs", "run_summary"} <= keys
+    job = defs.resolve_job_def("build_dataset")
+    assert set(job.partitions_def.get_partition_keys()) == {"sample-lund", "sample-pontoise"}
+    checks = {c.name for c in defs.resolve_asset_graph().asset_check_keys}
+    assert {"items_found", "pairs_inside_tile_bbox", "no_point_in_two_tiles", "offsets_in_range_and_spread"} <= checks
+
+
+def test_refresh_schedule_has_deterministic_run_keys():
+    from pipelines.jobs import dataset_refresh_schedule
+
+    when = datetime(2026, 11, 30, 3, 0, tzinfo=UTC)
+    ctx = dg.build_schedule_context(scheduled_execution_time=when)
+    first = list(dataset_refresh_schedule(ctx))
+    second = list(dataset_refresh_schedule(dg.build_schedule_context(scheduled_execution_time=when)))
+    assert [r.run_key for r in first] == [r.run_key for r in second] == [
+        "refresh-sample-lund-2026-11-30", "refresh-sample-pontoise-2026-11-30"]
+    assert [r.partition_key for r in first] == ["sample-lund", "sample-pontoise"]
+
+
+@pytest.mark.slow
+def test_build_dataset_on_the_sample_region(data_root):
+    from pipelines.common.storage import DataRoot
+    from pipelines.definitions import defs
+    from pipelines.reports.assets import build_summary
+
+    instance = dg.DagsterInstance.ephemeral()
+    result = defs.resolve_job_def("build_dataset").execute_in_process(partition_key="sample-pontoise",
+                                                                      instance=instance)
+    assert result.success
+    evals = result.get_asset_check_evaluations()
+    assert {e.check_name for e in evals} >= {"items_found", "pairs_inside_tile_bbox", "no_point_in_two_tiles",
+                                            "offsets_in_range_and_spread"}
+    assert all(e.passed for e in evals)
+
+    pairs = gpd.read_parquet(data_root / "pairs" / "sample-pontoise" / "pairs.parquet")
+    assert len(pairs) > 1000 and pairs.sv_id.is_unique
+    assert pairs.x.between(0, 1, inclusive="left").all() and pairs.y.between(0, 1, inclusive="left").all()
+    assert set(pairs.split) <= {"train", "val", "test"}
+    # Spatial split: a tile has one split.
+    assert (pairs.groupby("tile_id").split.nunique() == 1).all()
+    items_json = (data_root / "stac" / "sample-pontoise" / "items.json").read_text()
+    assert '"gair:synthetic": true' in items_json and "sig=" not in items_json
+
+    mats = result.get_asset_materialization_events()
+    meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in mats}
+    assert meta["stac_items"]["num_items"].value == 3
+    assert meta["pairs"]["num_outside_every_tile"].value == 10
+    assert meta["sv_points"]["num_rejected"].value == 3
+    assert "data:image/png;base64" in meta["pairs"]["offsets"].value
+
+    summary = build_summary(DataRoot())
+    reg = summary["regions"]["sample-pontoise"]
+    assert summary["synthetic_data"] is True
+    assert reg["pairs"]["paired"] == len(pairs)
+    assert reg["streetview"]["rejected_by_reason"] == {"non-finite coordinate": 1,
+                                                       "latitude out of range [-90, 90]": 1, "duplicate id": 1}
+
+
+@pytest.mark.slow
+def test_empty_search_fails_with_a_clear_error(data_root, tmp_path):
+    regions = tmp_path / "regions.yaml"
+    regions.write_text(
+        "regions:\n  nowhere:\n    bbox: [20.0, -10.0, 20.1, -9.9]\n"
+        "    streetview: {kind: table, path: 'sample://streetview/sample-lund/points.parquet'}\n")
+    env = {**os.environ, "GAIR_REGIONS": str(regions), "GAIR_DATA_ROOT": str(data_root),
+           "DAGSTER_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.demo"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "no usable item for region nowhere" in proc.stdout + proc.stderr
+
+
+def test_bad_region_config_is_rejected(tmp_path):
+    from pipelines.config import load_regions
+
+    bad = tmp_path / "r.yaml"
+    bad.write_text("regions:\n  x:\n    bbox: [10, 50, 9, 51]\n    streetview: {kind: table, path: p.csv}\n")
+    with pytest.raises(ValueError, match="west < east"):
+        load_regions(bad)
+    bad.write_text("regions:\n  'a.b':\n    bbox: [9, 50, 10, 51]\n    streetview: {kind: table, path: p.csv}\n")
+    with pytest.raises(ValueError, match="letters, digits"):
+        load_regions(bad)
+    bad.write_text("regions:\n  x:\n    bbox: [9, 50, 10, 51]\n    streetview: {kind: ftp, path: p}\n")
+    with pytest.raises(ValueError, match="streetview.kind"):
+        load_regions(bad)
+
+
+@pytest.mark.slow
+def test_dg_check_defs():
+    dg_exe = Path(sys.executable).parent / "dg"
+    proc = subprocess.run([str(dg_exe), "check", "defs"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
