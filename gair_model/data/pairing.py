@@ -16,7 +16,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from gair_model.data.geo import MERC_HALF, UtmGrid
+from gair_model.data.geo import MERC_HALF
 
 log = logging.getLogger(__name__)
 
@@ -61,23 +61,17 @@ def read_sql(name: str) -> str:
 
 def grids_table(tiles: pd.DataFrame, margin_deg: float = 0.05) -> pd.DataFrame:
     """One row per regular grid present in the tiles (an XYZ zoom, or one UTM zone), with its extent."""
+    tiles = tiles.assign(size=(tiles["tile_maxx"] - tiles["tile_minx"]).round(6))
     rows = []
-    for (grid, crs, width), g in tiles.groupby(["grid", "tile_crs", "tile_width"]):
-        size = float((g["tile_maxx"] - g["tile_minx"]).iloc[0])
-        first = g["tile_id"].iloc[0]
-        if grid == "xyz":
-            zoom = int(first.split("-")[0][1:])
-            origin_x, origin_y, prefix = -MERC_HALF, MERC_HALF, f"z{zoom}-"
-        else:
-            epsg = int(crs.split(":")[1])
-            ug = UtmGrid(epsg, int(width), size / int(width))
-            origin_x, origin_y = 0.0, 0.0
-            prefix = ug.tile_id(0, 0)[: -len("x0-y0")]
-        rows.append({"grid": grid, "tile_crs": crs, "origin_x": origin_x, "origin_y": origin_y, "size": size,
-                     "prefix": prefix, "lon_min": g["lon_min"].min() - margin_deg,
+    for (grid, crs, size), g in tiles.groupby(["grid", "tile_crs", "size"]):
+        origin = (-MERC_HALF, MERC_HALF) if grid == "xyz" else (0.0, 0.0)
+        rows.append({"grid_id": len(rows), "grid": grid, "tile_crs": crs, "origin_x": origin[0],
+                     "origin_y": origin[1], "size": float(size), "lon_min": g["lon_min"].min() - margin_deg,
                      "lat_min": g["lat_min"].min() - margin_deg, "lon_max": g["lon_max"].max() + margin_deg,
                      "lat_max": g["lat_max"].max() + margin_deg})
-    return pd.DataFrame(rows, columns=["grid", "tile_crs", "origin_x", "origin_y", "size", "prefix", "lon_min",
+    if len({(r["grid"], r["tile_crs"]) for r in rows}) < len(rows):
+        raise ValueError("tiles of one CRS must share one tile size")
+    return pd.DataFrame(rows, columns=["grid_id", "grid", "tile_crs", "origin_x", "origin_y", "size", "lon_min",
                                        "lat_min", "lon_max", "lat_max"])
 
 
@@ -91,6 +85,7 @@ class PairingResult:
     capped: int
     tiles_with_points: int
     seconds: float
+    join_seconds: float = 0.0  # up to the (point, tile) assignment, before writing the GeoParquet
 
 
 def pair_points(points_path: str | Path, tiles_path: str | Path, out_path: str | Path, *,
@@ -114,37 +109,43 @@ def pair_points(points_path: str | Path, tiles_path: str | Path, out_path: str |
     out_path, tiles_path = Path(out_path), Path(tiles_path)
     if max_points_per_tile is not None and max_points_per_tile < 1:
         raise ValueError("max_points_per_tile must be >= 1 or None")
-    con.execute(f"CREATE OR REPLACE TEMP VIEW points AS SELECT sv_id, lon, lat, image_uri, heading, captured_at "
-                f"FROM read_parquet('{_q(points_path)}')")
+    con.execute(f"CREATE OR REPLACE TEMP VIEW points AS SELECT file_row_number AS pidx, sv_id, lon, lat, image_uri, "
+                f"heading, captured_at FROM read_parquet('{_q(points_path)}', file_row_number = true)")
     con.execute(f"CREATE OR REPLACE TEMP TABLE tiles AS SELECT * FROM read_parquet('{_q(tiles_path)}')")
-    tiles_meta = con.execute("SELECT tile_id, grid, tile_crs, tile_width, tile_minx, tile_maxx, lon_min, lat_min, "
-                             "lon_max, lat_max FROM tiles").df()
+    tiles_meta = con.execute("SELECT grid, tile_crs, tile_minx, tile_maxx, lon_min, lat_min, lon_max, lat_max "
+                             "FROM tiles").df()
     con.register("grids_df", grids_table(tiles_meta))
     con.execute("CREATE OR REPLACE TEMP TABLE grids AS SELECT * FROM grids_df")
-    query = read_sql("pair_points.sql")
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    *setup, select = [s for s in _strip_comments(query).split(";") if s.strip()]
-    for statement in setup:
-        con.execute(statement)
-    con.execute(f"CREATE OR REPLACE TEMP TABLE in_tile AS {select}")
-    cap = "" if max_points_per_tile is None else f"WHERE rank_in_tile <= {int(max_points_per_tile)}"
-    con.execute(f"COPY (SELECT * EXCLUDE (rank_in_tile) FROM in_tile {cap} ORDER BY tile_id, sv_id) "
-                f"TO '{_q(tmp)}' (FORMAT parquet, COMPRESSION zstd)")
+    run_sql(con, "pair_points.sql")
+    if con.execute("SELECT count(*) FROM grids").fetchone()[0] > 1:
+        run_sql(con, "pair_one_tile_per_point.sql")
+    one_per_point = con.execute("SELECT count(*) FROM in_tile").fetchone()[0]
+    if max_points_per_tile is not None:
+        run_sql(con, "pair_cap_per_tile.sql", {"max_points_per_tile": int(max_points_per_tile)})
+    paired, n_tiles = con.execute("SELECT count(*), count(DISTINCT tidx) FROM in_tile").fetchone()
+    t_join = time.perf_counter() - t0
+    output = _strip_comments(read_sql("pair_output.sql"))
+    con.execute(f"COPY ({output}) TO '{_q(tmp)}' (FORMAT parquet, COMPRESSION zstd)")
     os.replace(tmp, out_path)
     n_points = con.execute("SELECT count(*) FROM points").fetchone()[0]
-    in_tile, paired, n_tiles = con.execute(
-        f"SELECT count(*), count(*) FILTER ({cap.replace('WHERE', '') or 'TRUE'}), count(DISTINCT tile_id) "
-        "FROM in_tile").fetchone()
     if unpaired_path is not None:
         unpaired_path = Path(unpaired_path)
         tmp_u = unpaired_path.with_name(f".{unpaired_path.name}.tmp-{os.getpid()}")
-        con.execute(f"COPY (SELECT p.* FROM points p ANTI JOIN in_tile USING (sv_id) ORDER BY sv_id) "
+        con.execute(f"COPY (SELECT p.* EXCLUDE (pidx) FROM points p ANTI JOIN in_tile USING (pidx) ORDER BY pidx) "
                     f"TO '{_q(tmp_u)}' (FORMAT parquet)")
         os.replace(tmp_u, unpaired_path)
     con.execute("DROP TABLE in_tile")
-    return PairingResult(int(n_points), int(paired), int(n_points - in_tile), int(in_tile - paired), int(n_tiles),
-                         time.perf_counter() - t0)
+    con.execute("DROP TABLE tile_keys")
+    return PairingResult(int(n_points), int(paired), int(n_points - one_per_point), int(one_per_point - paired),
+                         int(n_tiles), time.perf_counter() - t0, t_join)
+
+
+def run_sql(con: duckdb.DuckDBPyConnection, name: str, params: dict | None = None) -> None:
+    """Execute every statement of ``sql/<name>`` (comments stripped), with named parameters."""
+    for statement in (s for s in _strip_comments(read_sql(name)).split(";") if s.strip()):
+        con.execute(statement, {k: v for k, v in (params or {}).items() if f"${k}" in statement} or None)
 
 
 def _q(path) -> str:
