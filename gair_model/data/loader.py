@@ -72,9 +72,9 @@ def resolve_shards(shards: str | os.PathLike[str] | Sequence[str]) -> list[str]:
     """Expand a shard specification into a list of shard URLs/paths.
 
     Args:
-        shards: A list of paths/URLs; a folder (its ``shards.json`` if complete, else its
-            ``*.tar``); a glob (``dir/train-*.tar``); or a brace pattern
-            (``dir/train-{000000..000009}.tar``).
+        shards: A folder (its ``shards.json`` if complete, else its ``*.tar``); a glob
+            (``dir/train-*.tar``); a brace pattern (``dir/train-{000000..000009}.tar``); a path/URL;
+            or a list of any of these (e.g. the shard-set folders of several regions).
 
     Returns:
         Shard paths/URLs in a deterministic order.
@@ -83,7 +83,7 @@ def resolve_shards(shards: str | os.PathLike[str] | Sequence[str]) -> list[str]:
         FileNotFoundError: If the specification matches no shard.
     """
     if not isinstance(shards, (str, os.PathLike)):
-        out = [str(s) for s in shards]
+        out = [path for spec in shards for path in resolve_shards(spec)]
     else:
         spec = str(shards)
         if os.path.isdir(spec):
