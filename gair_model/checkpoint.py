@@ -1,0 +1,207 @@
+"""Checkpoints: model weights as safetensors plus a separate training-state file, both written atomically.
+
+Layout under ``<out_dir>/checkpoints/``::
+
+    step_00000100.safetensors     # model state dict (weights and buffers), loadable without pickle
+    step_00000100.state.pt        # optimizer, scheduler, step, RNG states, coordinate queue, config
+    latest.json                   # {"step": 100, "model": "...safetensors", "state": "...state.pt"}
+
+Every file is written to a temporary name in the same folder and ``os.replace``-d into place; ``latest.json`` is
+written last, so it only ever points at a complete pair. The state file holds only tensors and plain Python
+containers and is read back with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+LATEST = "latest.json"
+_STEP_RE = re.compile(r"^step_(\d{8})\.safetensors$")
+
+
+def atomic_write(path: str | Path, writer: Callable[[str], None]) -> Path:
+    """Write a file atomically: ``writer(tmp_path)`` then ``os.replace(tmp_path, path)``.
+
+    Args:
+        path: Final path.
+        writer: Callable writing the content to the temporary path it receives.
+
+    Returns:
+        The final path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        writer(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Atomically write a text file."""
+
+    def _w(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    return atomic_write(path, _w)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The underlying module of a DDP / compiled wrapper."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def save_model(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Atomically save a model's state dict (parameters and buffers) as safetensors."""
+    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata or {}))
+
+
+def load_model(model: nn.Module, path: str | Path, *, strict: bool = True) -> nn.Module:
+    """Load a safetensors state dict saved by :func:`save_model` into ``model``."""
+    state = load_file(str(path), device="cpu")
+    unwrap(model).load_state_dict(state, strict=strict)
+    return model
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU (and CUDA when available) RNG states as tensors / plain containers."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the RNG states captured by :func:`rng_state`."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["numpy"]
+    np.random.set_state(
+        ("MT19937", npst["key"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_paths(ckpt_dir: str | Path, step: int) -> tuple[Path, Path]:
+    """``(model_path, state_path)`` of the checkpoint at ``step``."""
+    ckpt_dir = Path(ckpt_dir)
+    return ckpt_dir / f"step_{step:08d}.safetensors", ckpt_dir / f"step_{step:08d}.state.pt"
+
+
+def save_checkpoint(
+    ckpt_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    train_state: dict[str, Any],
+    *,
+    keep: int = 2,
+    metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Write model + training state for ``step`` atomically, update ``latest.json``, prune old checkpoints.
+
+    Args:
+        ckpt_dir: Checkpoint folder.
+        step: Optimiser step count.
+        model: Model (DDP wrapper fine).
+        train_state: Optimizer/scheduler/RNG/queue/... state (tensors and plain containers only).
+        keep: Number of most recent checkpoints to keep (0 or less keeps all).
+        metadata: String metadata stored in the safetensors header.
+
+    Returns:
+        The ``latest.json`` record ``{"step", "model", "state"}`` (absolute paths).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    model_path, state_path = checkpoint_paths(ckpt_dir, step)
+    save_model(model, model_path, metadata)
+    atomic_write(state_path, lambda tmp: torch.save({**train_state, "step": step}, tmp))
+    record = {"step": step, "model": str(model_path.resolve()), "state": str(state_path.resolve())}
+    atomic_write_text(ckpt_dir / LATEST, json.dumps(record, indent=2))
+    if keep > 0:
+        steps = sorted(s for s in list_checkpoints(ckpt_dir) if s != step)
+        for old in steps[: max(0, len(steps) - (keep - 1))]:
+            for p in checkpoint_paths(ckpt_dir, old):
+                p.unlink(missing_ok=True)
+    return record
+
+
+def list_checkpoints(ckpt_dir: str | Path) -> list[int]:
+    """Steps that have both a model and a state file, ascending."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    steps = []
+    for p in ckpt_dir.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and checkpoint_paths(ckpt_dir, int(m.group(1)))[1].exists():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def remove_checkpoints(ckpt_dir: str | Path) -> int:
+    """Delete every checkpoint pair and ``latest.json`` in ``ckpt_dir``; returns the number of steps removed."""
+    ckpt_dir = Path(ckpt_dir)
+    steps = list_checkpoints(ckpt_dir)
+    (ckpt_dir / LATEST).unlink(missing_ok=True)
+    for step in steps:
+        for p in checkpoint_paths(ckpt_dir, step):
+            p.unlink(missing_ok=True)
+    return len(steps)
+
+
+def find_latest(ckpt_dir: str | Path) -> dict[str, Any] | None:
+    """The newest complete checkpoint record (from ``latest.json``, else by scanning), or ``None``."""
+    ckpt_dir = Path(ckpt_dir)
+    latest = ckpt_dir / LATEST
+    if latest.exists():
+        try:
+            rec = json.loads(latest.read_text())
+            if Path(rec["model"]).exists() and Path(rec["state"]).exists():
+                return rec
+        except (ValueError, KeyError):
+            pass
+    steps = list_checkpoints(ckpt_dir)
+    if not steps:
+        return None
+    model_path, state_path = checkpoint_paths(ckpt_dir, steps[-1])
+    return {"step": steps[-1], "model": str(model_path.resolve()), "state": str(state_path.resolve())}
+
+
+def load_train_state(path: str | Path) -> dict[str, Any]:
+    """Read a training-state file (``torch.load(weights_only=True)``, never unpickles arbitrary objects)."""
+    return torch.load(str(path), map_location="cpu", weights_only=True)
