@@ -53,9 +53,17 @@ def main(argv: list[str] | None = None) -> int:
                                         run_config=quiet)
         print(f"   {'ok' if result.success else 'FAILED'} in {time.perf_counter() - t:.1f}s (run {result.run_id})")
         ok &= result.success
-    summary_result = defs.resolve_job_def("run_summary_job").execute_in_process(
-        instance=instance, raise_on_error=False, run_config=quiet)
-    ok &= summary_result.success
+    if ok:
+        print("== train_model (tiny CPU configuration)", flush=True)
+        t = time.perf_counter()
+        train = defs.resolve_job_def("train_model").execute_in_process(instance=instance, raise_on_error=False,
+                                                                       run_config=quiet)
+        print(f"   {'ok' if train.success else 'FAILED'} in {time.perf_counter() - t:.1f}s (run {train.run_id})")
+        ok &= train.success
+    else:
+        summary_result = defs.resolve_job_def("run_summary_job").execute_in_process(
+            instance=instance, raise_on_error=False, run_config=quiet)
+        ok &= summary_result.success
     summary_path = data_root() / "reports" / "run_summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())

@@ -6,15 +6,21 @@ import dagster as dg
 from pipelines.pairing.assets import pairs
 from pipelines.partitions import REGIONS
 from pipelines.reports.assets import run_summary
+from pipelines.shards.assets import shards
 from pipelines.stac.assets import stac_items, tile_grid
 from pipelines.streetview.assets import sv_points
+from pipelines.training.assets import gair_model_checkpoint
 
 #: The main job: one region partition from STAC search to training-ready data.
 build_dataset_job = dg.define_asset_job(
     "build_dataset",
-    selection=dg.AssetSelection.assets(stac_items, tile_grid, sv_points, pairs),
-    description="STAC search -> tile grid -> street-view points -> pairs, for one region partition.",
+    selection=dg.AssetSelection.assets(stac_items, tile_grid, sv_points, pairs, shards),
+    description="STAC search -> tile grid -> street-view points -> pairs -> shards, for one region partition.",
 )
+
+#: Trains on every region's shards (tiny CPU configuration by default), then rewrites the summary.
+train_job = dg.define_asset_job("train_model", selection=dg.AssetSelection.assets(gair_model_checkpoint, run_summary),
+                                description="Train GAIR on all complete shard sets, then update the run summary.")
 
 #: Rewrites reports/run_summary.json from what every stage last wrote.
 summary_job = dg.define_asset_job("run_summary_job", selection=dg.AssetSelection.assets(run_summary))

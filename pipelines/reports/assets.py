@@ -8,8 +8,9 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from pipelines.common.storage import DataRoot
-from pipelines.pairing.assets import pairs
 from pipelines.partitions import REGIONS
+from pipelines.shards.assets import shards
+from pipelines.training.assets import gair_model_checkpoint
 
 #: Stages whose per-region ``stats.json`` goes into the summary, in pipeline order.
 STAGES = ("stac", "tiles", "streetview", "pairs", "shards")
@@ -34,7 +35,7 @@ def build_summary(data_root: DataRoot) -> dict:
             "regions": regions}
 
 
-@dg.asset(group_name="reports", deps=[pairs], kinds={"json"})
+@dg.asset(group_name="reports", deps=[shards, gair_model_checkpoint], kinds={"json"})
 def run_summary(context: dg.AssetExecutionContext, data_root: DataRoot) -> dg.MaterializeResult:
     """Machine-readable summary of the latest run of every stage and region."""
     summary = build_summary(data_root)

@@ -1,5 +1,7 @@
 """The Dagster code location end to end on the embedded synthetic sample (no network)."""
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 import geopandas as gpd
+import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +36,8 @@ def test_definitions_load():
     job = defs.resolve_job_def("build_dataset")
     assert set(job.partitions_def.get_partition_keys()) == {"sample-lund", "sample-pontoise"}
     checks = {c.name for c in defs.resolve_asset_graph().asset_check_keys}
-    assert {"items_found", "pairs_inside_tile_bbox", "no_point_in_two_tiles", "offsets_in_range_and_spread"} <= checks
+    assert {"items_found", "pairs_inside_tile_bbox", "no_point_in_two_tiles", "offsets_in_range_and_spread",
+            "manifest_matches_samples", "shards_readable_and_complete"} <= checks
 
 
 def test_refresh_schedule_has_deterministic_run_keys():
@@ -60,8 +64,12 @@ def test_build_dataset_on_the_sample_region(data_root):
     assert result.success
     evals = result.get_asset_check_evaluations()
     assert {e.check_name for e in evals} >= {"items_found", "pairs_inside_tile_bbox", "no_point_in_two_tiles",
-                                            "offsets_in_range_and_spread"}
+                                            "offsets_in_range_and_spread", "manifest_matches_samples",
+                                            "shards_readable_and_complete"}
     assert all(e.passed for e in evals)
+    shard_dir = data_root / "shards" / "sample-pontoise"
+    first_hashes = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(shard_dir.glob("*.tar"))}
+    assert first_hashes and not (shard_dir / ".staging").exists() or not list((shard_dir / ".staging").iterdir())
 
     pairs = gpd.read_parquet(data_root / "pairs" / "sample-pontoise" / "pairs.parquet")
     assert len(pairs) > 1000 and pairs.sv_id.is_unique
@@ -79,10 +87,21 @@ def test_build_dataset_on_the_sample_region(data_root):
     assert meta["sv_points"]["num_rejected"].value == 3
     assert "data:image/png;base64" in meta["pairs"]["offsets"].value
 
+    manifest = pd.read_parquet(shard_dir / "manifest.parquet")
+    assert len(manifest) == meta["shards"]["num_samples"].value == len(pairs)  # the sample has no bad image
+    assert "data:image/png;base64" in meta["shards"]["preview"].value
+
+    # Re-materializing the partition gives byte-identical shards.
+    again = defs.resolve_job_def("build_dataset").execute_in_process(partition_key="sample-pontoise",
+                                                                     instance=instance)
+    assert again.success
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(shard_dir.glob("*.tar"))} == first_hashes
+
     summary = build_summary(DataRoot())
     reg = summary["regions"]["sample-pontoise"]
     assert summary["synthetic_data"] is True
     assert reg["pairs"]["paired"] == len(pairs)
+    assert reg["shards"]["samples"] == len(pairs) and reg["shards"]["shards"] == len(first_hashes)
     assert reg["streetview"]["rejected_by_reason"] == {"non-finite coordinate": 1,
                                                        "latitude out of range [-90, 90]": 1, "duplicate id": 1}
 
@@ -121,3 +140,25 @@ def test_dg_check_defs():
     dg_exe = Path(sys.executable).parent / "dg"
     proc = subprocess.run([str(dg_exe), "check", "defs"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_training_asset_through_pipes(data_root):
+    """Runs after test_build_dataset_on_the_sample_region (same module data root, shards present)."""
+    from pipelines.definitions import defs
+
+    if not (data_root / "shards" / "sample-pontoise" / "shards.json").exists():
+        pytest.skip("needs the shards of test_build_dataset_on_the_sample_region")
+    cfg = {"ops": {"gair_model_checkpoint": {"config": {"steps": 3, "batch_size": 8, "warmup_steps": 1,
+                                                        "max_minutes": 5.0}}}}
+    result = defs.resolve_job_def("train_model").execute_in_process(instance=dg.DagsterInstance.ephemeral(),
+                                                                    run_config=cfg)
+    assert result.success
+    mats = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+    meta = mats["gair_model_checkpoint"]
+    assert meta["steps"].value == 3
+    assert meta["final_loss"].value > 0
+    assert Path(meta["checkpoint"].value).suffix == ".safetensors" and Path(meta["checkpoint"].value).exists()
+    assert "data:image/png;base64" in meta["loss_curve"].value
+    summary = json.loads((data_root / "reports" / "run_summary.json").read_text())
+    assert summary["training"]["steps"] == 3 and summary["training"]["checkpoint"] == meta["checkpoint"].value

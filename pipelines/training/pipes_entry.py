@@ -1,0 +1,100 @@
+"""The external training process, launched by the training asset through Dagster Pipes.
+
+It runs ``python -m gair_model.train`` (one process) or ``torchrun --nproc_per_node=N -m gair_model.train``,
+forwards the trainer's progress lines to the Dagster log as they come, and at the end reports the
+materialization: final metrics, checkpoint path and a loss-curve plot. ``gair_model`` itself never imports
+Dagster; only this thin wrapper speaks Pipes. On a GPU cluster the same wrapper runs inside the job that the
+cluster's Pipes client launches (e.g. ``PipesK8sClient``), with ``nproc_per_node`` set to the GPUs per node.
+"""
+
+import base64
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from dagster_pipes import open_dagster_pipes
+
+METRICS_PREFIX = "GAIR_METRICS "
+
+
+def trainer_command(nproc: int, args: list[str]) -> list[str]:
+    """The command line that starts the trainer on ``nproc`` local processes."""
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                "-m", "gair_model.train", *args]
+    return [sys.executable, "-m", "gair_model.train", *args]
+
+
+def loss_curve_md(metrics_csv: Path) -> str | None:
+    """A PNG loss curve of ``metrics.csv`` as a markdown data URI."""
+    if not metrics_csv.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(metrics_csv.open()))
+    if not rows:
+        return None
+    steps = [int(r["step"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in ("loss", "sv_rs", "rs_sv", "sv_loc", "rs_loc"):
+        vals = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+        if len(vals) == len(steps):
+            ax.plot(steps, vals, label=key, lw=1.5 if key == "loss" else 0.8)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=7)
+    ax.set_title("GAIR training loss", fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return f"![loss curve](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+
+
+def main() -> int:
+    """Run the trainer under Pipes; return its exit status."""
+    with open_dagster_pipes() as pipes:
+        args = [str(a) for a in pipes.get_extra("trainer_args")]
+        nproc = int(pipes.get_extra("nproc_per_node"))
+        out_dir = Path(pipes.get_extra("out_dir"))
+        cmd = trainer_command(nproc, args)
+        pipes.log.info(f"starting: {' '.join(cmd)}")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        tail: list[str] = []
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail = (tail + [line])[-40:]
+            if line.startswith(METRICS_PREFIX):
+                m = json.loads(line[len(METRICS_PREFIX):])
+                pipes.log.info("step {step} loss {loss:.4f} lr {lr:.2e} {samples_per_s:.1f} samples/s".format(
+                    **{k: m.get(k, float("nan")) for k in ("step", "loss", "lr", "samples_per_s")}))
+            elif "Traceback" in line or "Error" in line:
+                pipes.log.warning(line)
+        code = proc.wait()
+        if code != 0:
+            pipes.log.error(f"trainer failed (exit {code}); last lines:\n" + "\n".join(tail))
+            return code
+        summary = json.loads((out_dir / "summary.json").read_text())
+        metadata = {
+            "steps": {"raw_value": int(summary.get("steps", 0)), "type": "int"},
+            "final_loss": {"raw_value": float(summary.get("final_loss", float("nan"))), "type": "float"},
+            "checkpoint": {"raw_value": str(summary.get("checkpoint", "")), "type": "path"},
+            "summary": {"raw_value": summary, "type": "json"},
+            "nproc_per_node": {"raw_value": nproc, "type": "int"},
+        }
+        curve = loss_curve_md(out_dir / "metrics.csv")
+        if curve:
+            metadata["loss_curve"] = {"raw_value": curve, "type": "md"}
+        pipes.report_asset_materialization(metadata=metadata)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
