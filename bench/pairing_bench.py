@@ -1,7 +1,8 @@
 """Pairing benchmark: DuckDB grid pairing vs geopandas ``sjoin`` on the same points and a 10k-tile grid.
 
 Prints figures and writes ``bench/results/pairing.json``. The DuckDB step runs in a child process so that
-its own peak memory (ru_maxrss) is measured; it includes reading the points Parquet and writing the pairs.
+its own peak memory (ru_maxrss) is measured; it includes reading the points Parquet and writing the pairs, with
+the pipeline's DuckDB memory_limit (``DEFAULT_MEMORY_LIMIT``).
 The sjoin baseline is timed on the same points (already in memory) against the same tile polygons.
 Two DuckDB figures are reported: the whole step (read Parquet, assign, check, write the full pairs GeoParquet)
 and the assignment alone (read, assign, check; what sjoin computes).
@@ -59,9 +60,9 @@ def make_points(n: int, tiles: gpd.GeoDataFrame, path: Path, seed: int = 0) -> p
 
 CHILD = """
 import json, resource, sys, time
-from gair_model.data.pairing import pair_points
+from gair_model.data.pairing import DEFAULT_MEMORY_LIMIT, connect, pair_points
 t = time.perf_counter()
-r = pair_points(sys.argv[1], sys.argv[2], sys.argv[3])
+r = pair_points(sys.argv[1], sys.argv[2], sys.argv[3], con=connect(memory_limit=DEFAULT_MEMORY_LIMIT))
 dt = time.perf_counter() - t
 print(json.dumps({"seconds": dt, "join_seconds": r.join_seconds, "paired": r.paired, "outside": r.outside,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

@@ -21,6 +21,9 @@ from gair_model.data.geo import MERC_HALF
 log = logging.getLogger(__name__)
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+#: DuckDB memory_limit used by the pipeline and the benchmark: keeps the pairing of 10M points under ~1.5 GB RSS
+#: (DuckDB spills its sort/join state to disk beyond it).
+DEFAULT_MEMORY_LIMIT = "1GB"
 
 
 def spatial_extension_path() -> Path:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,7 +148,7 @@ def build_shards_from_pairs(
     out_size: int | None = None, signer: Signer | None = None, max_nodata_fraction: float = 0.1,
     max_cloud_fraction: float | None = 0.1, sv_max_side: int | None = 1024, pano_fov_deg: float = 90.0,
     pano_out_size: int = 512, synthetic: bool = False, gdal_env: Mapping[str, Any] | None = None,
-    fetch_image: Callable[[str], bytes] = read_image_uri, fsync: bool = True,
+    fetch_image: Callable[[str], bytes] = read_image_uri, fsync: bool = True, chip_workers: int = 4,
 ) -> BuildReport:
     """Build a shard set from pairs, skipping and reporting unusable pairs.
 
@@ -169,6 +171,8 @@ def build_shards_from_pairs(
         gdal_env: Extra GDAL options for the chip reader.
         fetch_image: ``uri -> bytes`` (default: local path or http(s)).
         fsync: ``fsync`` shards before publishing.
+        chip_workers: Threads reading chips ahead of the writer (each with its own reader); this also
+            bounds the number of concurrent remote reads. 1 reads in the calling thread's order only.
 
     Returns:
         A :class:`BuildReport`; ``n_pairs == n_written + n_rejected``.
@@ -183,9 +187,11 @@ def build_shards_from_pairs(
             report.rejections.append(
                 Rejection("", str(p.get("sv_id")), str(p.get("tile_id")), "key", str(exn)))
     keyed.sort(key=lambda kp: kp[0])
-    chip_cache: OrderedDict[str, tuple[ChipResult, Mapping[str, Any] | None]] = OrderedDict()
-
-    with ChipReader(signer=signer, gdal_env=gdal_env) as reader, ShardWriter(
+    chip_kw = {"bands": bands, "out_size": out_size, "max_nodata_fraction": max_nodata_fraction,
+               "max_cloud_fraction": max_cloud_fraction}
+    tiles = _first_pair_per_tile(p for k, p in keyed)
+    with ChipPrefetcher(tiles, items, workers=chip_workers, signer=signer, gdal_env=gdal_env,
+                        **chip_kw) as chips, ShardWriter(
         out_dir, name=name, samples_per_shard=samples_per_shard, fsync=fsync
     ) as writer:
         prev = None
@@ -195,9 +201,7 @@ def build_shards_from_pairs(
                 report.rejections.append(Rejection(key, sv_id, tile_id, "key", "duplicate key"))
                 continue
             prev = key
-            chip, item = _chip_for(p, items, reader, chip_cache, report, bands=bands, out_size=out_size,
-                                   max_nodata_fraction=max_nodata_fraction,
-                                   max_cloud_fraction=max_cloud_fraction)
+            chip, item = chips.get(tile_id)
             if not chip.ok or chip.array is None:
                 reason = chip.rejected_reason or "no data"
                 report.rejections.append(Rejection(key, sv_id, tile_id, "chip", reason))
@@ -210,40 +214,101 @@ def build_shards_from_pairs(
                                      processing_baseline=chip.processing_baseline, synthetic=synthetic)
             writer.write(key, chip.array, sv_bytes, meta)
             report.n_written += 1
+    report.n_chip_reads = chips.n_reads
     report.shards = writer.info
     log.info("shards %s: %d pairs -> %d samples, %d rejected %s", name, report.n_pairs, report.n_written,
              report.n_rejected, report.rejected_by_reason())
     return report
 
 
-def _chip_for(p: Mapping[str, Any], items: Mapping[str, Mapping[str, Any]], reader: ChipReader,
-              cache: OrderedDict[str, tuple[ChipResult, Mapping[str, Any] | None]], report: BuildReport,
-              **kw: Any) -> tuple[ChipResult, Mapping[str, Any] | None]:
-    tile_id = str(p["tile_id"])
-    if tile_id in cache:
-        cache.move_to_end(tile_id)
-        return cache[tile_id]
-    tile = TileSpec.from_row(p)
-    reasons = []
-    result: tuple[ChipResult, Mapping[str, Any] | None] | None = None
-    for item_id in _as_list(p.get("item_ids")):
-        item = items.get(str(item_id))
-        if item is None:
-            reasons.append(f"{item_id}: item not found")
-            continue
-        report.n_chip_reads += 1
-        chip = reader.read(item, tile, **kw)
-        if chip.ok:
-            result = (chip, item)
-            break
-        reasons.append(f"{item_id}: {chip.rejected_reason}")
-    if result is None:
+def _first_pair_per_tile(pairs: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The first pair of each tile, in order (pairs sorted by key are grouped by tile)."""
+    seen: set[str] = set()
+    out = []
+    for p in pairs:
+        if str(p["tile_id"]) not in seen:
+            seen.add(str(p["tile_id"]))
+            out.append(p)
+    return out
+
+
+class ChipPrefetcher:
+    """Reads the chips of tiles in order, up to ``2 * workers`` tiles ahead, on a bounded thread pool.
+
+    Each worker thread owns a :class:`ChipReader` (rasterio datasets are not shared across threads).
+    ``get(tile_id)`` must be called in tile order; a tile's chip is read once, trying its items in
+    ``item_ids`` order (least cloudy first) until one passes the nodata/cloud limits.
+    """
+
+    def __init__(self, tiles: Sequence[Mapping[str, Any]], items: Mapping[str, Mapping[str, Any]], *,
+                 workers: int = 4, signer: Signer | None = None, gdal_env: Mapping[str, Any] | None = None,
+                 **chip_kw: Any) -> None:
+        self.tiles = list(tiles)
+        self.items = items
+        self.workers = max(1, int(workers))
+        self.signer, self.gdal_env, self.chip_kw = signer, gdal_env, chip_kw
+        self.n_reads = 0
+        self._local = threading.local()
+        self._readers: list[ChipReader] = []
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="chips")
+        self._futures: OrderedDict[str, Future] = OrderedDict()
+        self._next = 0
+        self._current: tuple[str | None, tuple[ChipResult, Mapping[str, Any] | None] | None] = (None, None)
+
+    def __enter__(self) -> ChipPrefetcher:
+        self._fill()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for f in self._futures.values():
+            f.cancel()
+        self._pool.shutdown(wait=True)
+        for reader in self._readers:
+            reader.close()
+
+    def _reader(self) -> ChipReader:
+        reader = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = self._local.reader = ChipReader(signer=self.signer, gdal_env=self.gdal_env)
+            with self._lock:
+                self._readers.append(reader)
+        return reader
+
+    def _fill(self) -> None:
+        while self._next < len(self.tiles) and len(self._futures) < 2 * self.workers:
+            p = self.tiles[self._next]
+            self._futures[str(p["tile_id"])] = self._pool.submit(self._read, p)
+            self._next += 1
+
+    def _read(self, p: Mapping[str, Any]) -> tuple[ChipResult, Mapping[str, Any] | None, int]:
+        tile = TileSpec.from_row(p)
+        reasons, reads = [], 0
+        for item_id in _as_list(p.get("item_ids")):
+            item = self.items.get(str(item_id))
+            if item is None:
+                reasons.append(f"{item_id}: item not found")
+                continue
+            reads += 1
+            chip = self._reader().read(item, tile, **self.chip_kw)
+            if chip.ok:
+                return chip, item, reads
+            reasons.append(f"{item_id}: {chip.rejected_reason}")
         reason = "; ".join(reasons) if reasons else "no item_ids"
-        result = (ChipResult(None, list(kw.get("bands") or []), 1.0, rejected_reason=reason), None)
-    cache[tile_id] = result
-    while len(cache) > 4:
-        cache.popitem(last=False)
-    return result
+        return ChipResult(None, list(self.chip_kw.get("bands") or []), 1.0, rejected_reason=reason), None, reads
+
+    def get(self, tile_id: str) -> tuple[ChipResult, Mapping[str, Any] | None]:
+        """The chip (and the item it came from) of the next tile; tiles must be asked for in order."""
+        if tile_id == self._current[0]:
+            return self._current[1]
+        future = self._futures.pop(tile_id, None)
+        if future is None:
+            raise KeyError(f"tile {tile_id} requested out of order")
+        chip, item, reads = future.result()
+        self.n_reads += reads
+        self._current = (tile_id, (chip, item))
+        self._fill()
+        return chip, item
 
 
 def _sv_for(p: Mapping[str, Any], fetch: Callable[[str], bytes], report: BuildReport, max_side: int | None,

@@ -5,13 +5,13 @@ import dagster as dg
 import duckdb
 from pydantic import Field
 
-from gair_model.data.pairing import connect
+from gair_model.data.pairing import DEFAULT_MEMORY_LIMIT, connect
 
 
 class DuckDBEngine(dg.ConfigurableResource):
     """An in-memory DuckDB with the spatial extension from the pinned wheel (no download)."""
 
-    memory_limit: str = Field(default="2GB", description="DuckDB memory_limit")
+    memory_limit: str = Field(default=DEFAULT_MEMORY_LIMIT, description="DuckDB memory_limit")
     threads: int = Field(default=0, description="0 = DuckDB's default (all cores)")
 
     def connect(self) -> duckdb.DuckDBPyConnection:

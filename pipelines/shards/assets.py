@@ -28,6 +28,7 @@ class ShardsConfig(dg.Config):
     max_nodata_fraction: float = 0.1
     max_cloud_fraction: float = 0.1
     sv_max_side: int = 1024
+    chip_workers: int = 4  # threads reading chips ahead; also the bound on concurrent remote reads
 
 
 def shard_dir(data_root: DataRoot, region: str) -> Path:
@@ -51,7 +52,7 @@ def shards(context: dg.AssetExecutionContext, config: ShardsConfig, raster_acces
         pairs_df, items, out, name=region.name, samples_per_shard=config.samples_per_shard,
         out_size=region.grid.tile_px, signer=raster_access.signer(), gdal_env=raster_access.gdal_env(),
         max_nodata_fraction=config.max_nodata_fraction, max_cloud_fraction=config.max_cloud_fraction,
-        sv_max_side=config.sv_max_side, synthetic=synthetic)
+        sv_max_side=config.sv_max_side, synthetic=synthetic, chip_workers=config.chip_workers)
     by_reason = report.rejected_by_reason()
     for r in report.rejections[:20]:
         context.log.warning("rejected %s (%s): %s", r.key or r.sv_id, r.stage, r.reason)

@@ -108,6 +108,11 @@ def test_pairs_to_shards_with_failures(patches: list[Path], shared_data: Path, t
     ]
     report = build_shards_from_pairs(list(reversed(pairs)), items, tmp_path / "out", name="t",
                                      samples_per_shard=2, pano_out_size=128, fsync=False)
+    # One chip thread gives the same shards, byte for byte, as the default prefetching pool.
+    serial = build_shards_from_pairs(list(reversed(pairs)), items, tmp_path / "serial", name="t",
+                                     samples_per_shard=2, pano_out_size=128, fsync=False, chip_workers=1)
+    assert [Path(p).read_bytes() for p in serial.shards.paths] == [Path(p).read_bytes() for p in report.shards.paths]
+    assert serial.n_chip_reads == report.n_chip_reads
     assert report.n_pairs == 11 == report.n_written + report.n_rejected
     assert report.n_written == 5  # sv01 sv02 sv05 sv06 sv11
     by_sv = {r.sv_id: r for r in report.rejections}
