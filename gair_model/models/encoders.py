@@ -119,6 +119,18 @@ def load_local_weights(
     return list(result.missing_keys), list(result.unexpected_keys)
 
 
+def _build_vit(arch: str, img_size: int, patch_size: int, in_chans: int, drop_path_rate: float,
+               weights: str | Path | None, weights_prefix: str, **timm_kwargs: object) -> nn.Module:
+    """A randomly initialised timm ViT (never downloaded), then the local weights file if one is given."""
+    if img_size % patch_size:
+        raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+    vit = timm.create_model(_arch_name(arch), pretrained=False, img_size=img_size, patch_size=patch_size,
+                            in_chans=in_chans, num_classes=0, drop_path_rate=drop_path_rate, **timm_kwargs)
+    if weights:
+        load_local_weights(vit, weights, prefix=weights_prefix)
+    return vit
+
+
 class RSEncoder(nn.Module):
     """Remote-sensing ViT without CLS token whose token grid is exposed.
 
@@ -144,27 +156,14 @@ class RSEncoder(nn.Module):
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-        self.vit = timm.create_model(
-            _arch_name(arch),
-            pretrained=False,
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            class_token=False,
-            global_pool="avg",
-            fc_norm=False,  # final norm applies to every token, so the grid is normalised
-            num_classes=0,
-            drop_path_rate=drop_path_rate,
-        )
+        # fc_norm=False: the final norm applies to every token, so the grid is normalised.
+        self.vit = _build_vit(arch, img_size, patch_size, in_chans, drop_path_rate, weights, weights_prefix,
+                              class_token=False, global_pool="avg", fc_norm=False)
         self.img_size = img_size
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.embed_dim: int = self.vit.embed_dim
         self.grid_size: tuple[int, int] = tuple(self.vit.patch_embed.grid_size)  # (Hg, Wg)
-        if weights:
-            load_local_weights(self.vit, weights, prefix=weights_prefix)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Encode an RS chip into its token grid.
@@ -221,26 +220,13 @@ class SVEncoder(nn.Module):
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-        self.vit = timm.create_model(
-            _arch_name(arch),
-            pretrained=False,
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=3,
-            class_token=True,
-            global_pool="token",
-            num_classes=0,
-            drop_path_rate=drop_path_rate,
-        )
+        self.vit = _build_vit(arch, img_size, patch_size, 3, drop_path_rate, weights, weights_prefix,
+                              class_token=True, global_pool="token")
         self.img_size = img_size
         self.embed_dim: int = self.vit.embed_dim
         self.out_dim: int = out_dim or self.embed_dim
         self.pooler = nn.Sequential(nn.Linear(self.embed_dim, self.embed_dim), nn.Tanh())
         self.proj = nn.Linear(self.embed_dim, self.out_dim)
-        if weights:
-            load_local_weights(self.vit, weights, prefix=weights_prefix)
 
     def forward_cls(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone CLS token (``B x D``, after the final norm)."""
