@@ -33,7 +33,7 @@ import re
 import shutil
 import tarfile
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -560,3 +560,29 @@ def list_shards(out_dir: str | os.PathLike[str]) -> list[str]:
     """Absolute paths of the shards of a complete shard set, in order (from ``shards.json``)."""
     doc = read_shards_json(out_dir)
     return [str(Path(out_dir) / s["path"]) for s in doc["shards"]]
+
+
+def iter_raw_samples(shard: str | os.PathLike[str], limit: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {suffix: bytes})`` per sample of one shard, undecoded (for checks and previews).
+
+    Args:
+        shard: Path of a ``.tar`` shard.
+        limit: Stop after this many samples (None: all).
+    """
+    with tarfile.open(shard) as tar:
+        current: str | None = None
+        members: dict[str, bytes] = {}
+        n = 0
+        for m in tar:
+            key, _, suffix = m.name.partition(".")
+            if current is not None and key != current:
+                yield current, members
+                n += 1
+                if limit is not None and n >= limit:
+                    return
+                members = {}
+            current = key
+            fh = tar.extractfile(m)
+            members[suffix] = fh.read() if fh is not None else b""
+        if current is not None:
+            yield current, members

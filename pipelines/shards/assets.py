@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from gair_model.data.loader import decode_npy
 from gair_model.data.samples import build_shards_from_pairs, iter_items
-from gair_model.data.shards import KEY_PATTERN, MANIFEST_NAME, MEMBER_SUFFIXES, read_shards_json
+from gair_model.data.shards import KEY_PATTERN, MANIFEST_NAME, MEMBER_SUFFIXES, iter_raw_samples, read_shards_json
 from gair_model.data.stac_catalog import read_items
 from pipelines.common.plots import figure_md, plt
 from pipelines.common.storage import DataRoot
@@ -81,30 +82,12 @@ def shards(context: dg.AssetExecutionContext, config: ShardsConfig, raster_acces
     })
 
 
-def _samples(shard: str, limit: int | None = None):
-    """Yield ``(key, {suffix: bytes})`` from a shard with the standard library (no decoding)."""
-    with tarfile.open(shard) as tar:
-        current, members = None, {}
-        for m in tar:
-            key, _, suffix = m.name.partition(".")
-            if key != current and current is not None:
-                yield current, members
-                members = {}
-                limit = None if limit is None else limit - 1
-                if limit == 0:
-                    return
-            current = key
-            members[suffix] = tar.extractfile(m).read()
-        if current is not None:
-            yield current, members
-
-
 def preview(shard: str, n: int = 4) -> dg.MetadataValue:
     """RS true colour with the SV position marked, beside the SV image, for the first samples of a shard."""
     fig, axes = plt.subplots(n, 2, figsize=(6, 3 * n), squeeze=False)
-    for row, (_key, m) in enumerate(_samples(shard, limit=n)):
+    for row, (_key, m) in enumerate(iter_raw_samples(shard, limit=n)):
         meta = json.loads(m["json"])
-        rs = np.load(io.BytesIO(m["rs.npy"]), allow_pickle=False).astype(np.float32)
+        rs = decode_npy(m["rs.npy"]).astype(np.float32)
         bands = meta.get("bands", [])
         idx = [bands.index(b) for b in ("B04", "B03", "B02") if b in bands] or [0, 0, 0]
         rgb = np.stack([rs[i] for i in idx], axis=-1)
@@ -147,7 +130,7 @@ def shards_readable_and_complete(context: dg.AssetCheckExecutionContext,
     for s in doc["shards"]:
         n = 0
         try:
-            for key, members in _samples(str(out / s["path"])):
+            for key, members in iter_raw_samples(str(out / s["path"])):
                 n += 1
                 if not KEY_PATTERN.match(key):
                     problems.append(f"{s['path']}: bad key {key!r}")
