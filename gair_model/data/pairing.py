@@ -64,12 +64,17 @@ def read_sql(name: str) -> str:
 
 def grids_table(tiles: pd.DataFrame, margin_deg: float = 0.05) -> pd.DataFrame:
     """One row per regular grid present in the tiles (an XYZ zoom, or one UTM zone), with its extent."""
-    tiles = tiles.assign(size=(tiles["tile_maxx"] - tiles["tile_minx"]).round(6))
+    width = tiles["tile_maxx"] - tiles["tile_minx"]
+    tiles = tiles.assign(size_mm=(width * 1000).round(), size=width)
     rows = []
-    for (grid, crs, size), g in tiles.groupby(["grid", "tile_crs", "size"]):
+    for (grid, crs, _), g in tiles.groupby(["grid", "tile_crs", "size_mm"]):
         origin = (-MERC_HALF, MERC_HALF) if grid == "xyz" else (0.0, 0.0)
+        # The exact size, not a rounded one: tile indices reach 2^zoom, so a size error adds up.
+        size = float(g["size"].iloc[0])
+        if grid == "xyz":
+            size = 2 * MERC_HALF / 2 ** round(math.log2(2 * MERC_HALF / size))
         rows.append({"grid_id": len(rows), "grid": grid, "tile_crs": crs, "origin_x": origin[0],
-                     "origin_y": origin[1], "size": float(size), "lon_min": g["lon_min"].min() - margin_deg,
+                     "origin_y": origin[1], "size": size, "lon_min": g["lon_min"].min() - margin_deg,
                      "lat_min": g["lat_min"].min() - margin_deg, "lon_max": g["lon_max"].max() + margin_deg,
                      "lat_max": g["lat_max"].max() + margin_deg})
     if len({(r["grid"], r["tile_crs"]) for r in rows}) < len(rows):
