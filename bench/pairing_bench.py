@@ -80,7 +80,7 @@ def baseline_rss_mb() -> float:
            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
-    return float(out.stdout.strip())
+    return float(out.stdout.strip().splitlines()[-1])  # DuckDB may print a progress bar first
 
 
 def sjoin_run(df: pd.DataFrame, tiles: gpd.GeoDataFrame) -> tuple[float, int]:
