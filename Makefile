@@ -31,8 +31,8 @@ dev: install  ## Dagster UI on http://127.0.0.1:3000 (runs of `make demo` show u
 
 bench: install  ## benchmarks; figures go to bench/results/*.json
 	$(BIN)/python bench/pairing_bench.py
-	@if [ -f bench/shards_bench.py ]; then $(BIN)/python bench/shards_bench.py; fi
-	@if [ -f bench/train_cpu.py ]; then $(BIN)/python bench/train_cpu.py; fi
+	$(BIN)/python bench/shards_bench.py
+	$(BIN)/python bench/train_cpu.py
 
 lint: install
 	$(BIN)/ruff check .
