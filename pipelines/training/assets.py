@@ -8,6 +8,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from gair_model.data.loader import compute_rs_stats
 from gair_model.data.shards import SHARDS_JSON_NAME
 from pipelines.common.storage import DataRoot
 from pipelines.partitions import REGIONS
@@ -31,6 +32,8 @@ class TrainingConfig(dg.Config):
     num_workers: int = 0
     seed: int = 0
     resume: str | None = Field(default=None, description="'auto' to continue from the latest checkpoint")
+    rs_stats_samples: int = Field(default=2000, description="samples used for the per-band RS statistics "
+                                  "(0: the loader's built-in Sentinel-2 defaults)")
     extra_args: list[str] = Field(default_factory=list, description="more trainer flags, passed as they are")
 
 
@@ -70,11 +73,21 @@ def gair_model_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
         raise dg.Failure("no complete shard set under the data root: materialize `shards` first")
     shard_list = [str(d) for d in sets]
     out_dir = data_root.stage_dir("training") / "run"
+    extra: list[str] = []
+    if config.rs_stats_samples > 0:
+        # Per-band mean/std of these shards for the clip-and-scale normalisation (nodata ignored).
+        stats = compute_rs_stats(shard_list, max_samples=config.rs_stats_samples)
+        stats_path = data_root.stage_dir("training") / "rs_stats.json"
+        stats_path.write_text(json.dumps(stats, indent=1))
+        extra = ["--rs-stats", str(stats_path)]
+        context.log.info("RS band statistics from %d samples: mean %s", config.rs_stats_samples,
+                         [round(v) for v in stats["mean"]])
     context.log.info("training on the shard sets of %s", [d.name for d in sets])
     result = pipes_subprocess_client.run(
         command=[sys.executable, "-m", "pipelines.training.pipes_entry"],
         context=context,
-        extras={"trainer_args": trainer_args(config, shard_list, out_dir), "nproc_per_node": config.nproc_per_node,
+        extras={"trainer_args": trainer_args(config, shard_list, out_dir) + extra,
+                "nproc_per_node": config.nproc_per_node,
                 "out_dir": str(out_dir)},
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     ).get_materialize_result()

@@ -162,3 +162,5 @@ def test_training_asset_through_pipes(data_root):
     assert "data:image/png;base64" in meta["loss_curve"].value
     summary = json.loads((data_root / "reports" / "run_summary.json").read_text())
     assert summary["training"]["steps"] == 3 and summary["training"]["checkpoint"] == meta["checkpoint"].value
+    stats = json.loads((data_root / "training" / "rs_stats.json").read_text())
+    assert len(stats["mean"]) == len(stats["std"]) == 10 and all(v > 0 for v in stats["std"])
