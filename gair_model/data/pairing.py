@@ -98,7 +98,7 @@ class PairingResult:
 
 def pair_points(points_path: str | Path, tiles_path: str | Path, out_path: str | Path, *,
                 max_points_per_tile: int | None = None, unpaired_path: str | Path | None = None,
-                con: duckdb.DuckDBPyConnection | None = None) -> PairingResult:
+                con: duckdb.DuckDBPyConnection | None = None, region: str | None = None) -> PairingResult:
     """Pair every point with the one tile that contains it; write GeoParquet atomically.
 
     Args:
@@ -108,6 +108,7 @@ def pair_points(points_path: str | Path, tiles_path: str | Path, out_path: str |
         max_points_per_tile: optional cap (a deterministic hash-ordered subset is kept).
         unpaired_path: optional Parquet of the points that fell outside every tile.
         con: an existing connection (from ``connect``); a new one otherwise.
+        region: the region (partition) name written in the ``region`` column.
 
     Returns:
         Counts of the run.
@@ -123,6 +124,7 @@ def pair_points(points_path: str | Path, tiles_path: str | Path, out_path: str |
     tiles_meta = con.execute("SELECT grid, tile_crs, tile_minx, tile_maxx, lon_min, lat_min, lon_max, lat_max "
                              "FROM tiles").df()
     con.register("grids_df", grids_table(tiles_meta))
+    con.execute("CREATE OR REPLACE TEMP TABLE run_info AS SELECT CAST(? AS VARCHAR) AS region", [region])
     con.execute("CREATE OR REPLACE TEMP TABLE grids AS SELECT * FROM grids_df")
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ def pairs(context: dg.AssetExecutionContext, duckdb_engine: DuckDBEngine,
     res = pair_points(data_root.stage_dir("streetview", region.name) / "points.parquet",
                       data_root.stage_dir("tiles", region.name) / "tiles.parquet",
                       out_dir / "pairs.parquet", max_points_per_tile=region.max_points_per_tile,
-                      unpaired_path=out_dir / "unpaired.parquet", con=con)
+                      unpaired_path=out_dir / "unpaired.parquet", con=con, region=region.name)
     con.close()
     if res.paired == 0:
         raise dg.Failure(f"no street-view point of {region.name} falls inside a tile ({res.points} points, "

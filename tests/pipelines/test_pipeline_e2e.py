@@ -74,7 +74,7 @@ def test_build_dataset_on_the_sample_region(data_root):
     pairs = gpd.read_parquet(data_root / "pairs" / "sample-pontoise" / "pairs.parquet")
     assert len(pairs) > 1000 and pairs.sv_id.is_unique
     assert pairs.x.between(0, 1, inclusive="left").all() and pairs.y.between(0, 1, inclusive="left").all()
-    assert set(pairs.split) <= {"train", "val", "test"}
+    assert set(pairs.split) <= {"train", "val", "test"} and set(pairs.region) == {"sample-pontoise"}
     # Spatial split: a tile has one split.
     assert (pairs.groupby("tile_id").split.nunique() == 1).all()
     items_json = (data_root / "stac" / "sample-pontoise" / "items.json").read_text()
