@@ -16,9 +16,14 @@ from urllib.parse import urlsplit, urlunsplit
 Signer = Callable[[str], str]
 
 _URL_WITH_QUERY = re.compile(r"((?:https?|s3|gs|az|abfss?)://[^\s?#'\"<>]+)\?[^\s'\"<>]*", re.IGNORECASE)
+#: Query parameters that carry a credential (Azure SAS, AWS/GCS signed URLs, API keys), lower case.
+TOKEN_PARAMS = frozenset({
+    "st", "se", "sp", "sv", "sr", "sig", "skoid", "sktid", "skt", "ske", "sks", "skv", "spr", "sip", "si", "ss",
+    "srt", "sdd", "ses", "token", "code", "signature", "subscription-key", "x-amz-signature", "x-amz-credential",
+    "x-amz-security-token", "x-goog-signature",
+})
 _TOKEN_PARAM = re.compile(
-    r"\b(sig|se|st|sp|sv|sr|skoid|sktid|skt|ske|sks|skv|token|x-amz-signature|x-amz-credential|"
-    r"x-amz-security-token|x-goog-signature|signature|code|subscription-key)=[^&\s'\"<>]+",
+    r"\b(" + "|".join(sorted(map(re.escape, TOKEN_PARAMS), key=len, reverse=True)) + r")=[^&\s'\"<>]+",
     re.IGNORECASE,
 )
 REDACTED = "<redacted>"

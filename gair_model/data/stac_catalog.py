@@ -21,13 +21,10 @@ import geopandas as gpd
 from shapely.geometry import box, shape
 
 from gair_model.data.geo import check_bbox
+from gair_model.data.signing import TOKEN_PARAMS
 
 log = logging.getLogger(__name__)
 
-#: Query parameters of an Azure Shared Access Signature (and similar tokens) that must never be stored.
-SAS_PARAMS = frozenset({"st", "se", "sp", "sv", "sr", "sig", "skoid", "sktid", "skt", "ske", "sks", "skv",
-                        "spr", "sip", "si", "ss", "srt", "sdd", "ses", "token", "X-Amz-Signature",
-                        "X-Amz-Credential", "X-Amz-Security-Token"})
 PLANETARY_COMPUTER_URL = "https://planetarycomputer.microsoft.com/api/stac/v1"
 
 
@@ -89,7 +86,7 @@ def strip_sas_token(href: str) -> str:
     parts = urlsplit(href)
     if not parts.query:
         return href
-    kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in SAS_PARAMS]
+    kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k.lower() not in TOKEN_PARAMS]
     return urlunsplit(parts._replace(query=urlencode(kept)))
 
 
