@@ -46,3 +46,17 @@ def write_result(name: str, payload: dict) -> Path:
     out.write_text(json.dumps({"machine": machine(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                 time.gmtime()), **payload}, indent=1))
     return out
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB (``VmHWM``).
+
+    Not ``ru_maxrss``: Linux carries that across ``fork`` + ``exec``, so a child started by a large parent
+    reports the parent's size.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource  # not Linux: the best available figure
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,5 +1,5 @@
--- Optional cap: keep at most $max_points_per_tile points per tile, a deterministic pseudo-random subset
--- (hash of the SV id), so re-runs keep the same points.
-CREATE OR REPLACE TEMP TABLE in_tile AS
-SELECT i.* FROM in_tile i JOIN points p USING (pidx)
-QUALIFY row_number() OVER (PARTITION BY i.tidx ORDER BY hash(p.sv_id), p.sv_id) <= $max_points_per_tile;
+-- Optional cap on the table assigned_rows: keep at most $max_points_per_tile points per tile, a deterministic
+-- pseudo-random subset (hash of the SV id), so re-runs keep the same points.
+CREATE OR REPLACE TEMP TABLE assigned_rows AS
+SELECT * FROM assigned_rows
+QUALIFY row_number() OVER (PARTITION BY tidx ORDER BY hash(sv_id), sv_id) <= $max_points_per_tile;

@@ -1,15 +1,17 @@
--- The pairs table as written (docs/DATA_CONTRACT.md): point and tile columns joined back to in_tile
--- (run_info holds the region name),
--- ordered by tile then input order (the points arrive sorted by sv_id), so re-runs write the same file.
-SELECT p.sv_id, p.lon, p.lat, p.image_uri, p.heading, p.captured_at,
-       t.tile_id, t.grid, t.tile_crs, t.tile_minx, t.tile_miny, t.tile_maxx, t.tile_maxy,
-       t.tile_width, t.tile_height, t.lon_min, t.lat_max, t.lon_max, t.lat_min,
-       i.x, i.y,
-       least(CAST(floor(snap(i.x * t.tile_width)) AS INTEGER), t.tile_width - 1) AS col,
-       least(CAST(floor(snap(i.y * t.tile_height)) AS INTEGER), t.tile_height - 1) AS "row",
-       t.item_ids, t.collection, t.split, (SELECT region FROM run_info) AS region,
-       ST_Point(p.lon, p.lat) AS geometry
-FROM in_tile i
-JOIN points p USING (pidx)
-JOIN tile_keys t USING (tidx)
-ORDER BY i.tidx, i.pidx
+-- The pairs table as written (docs/DATA_CONTRACT.md), from `pairs_source`: the view `assigned`
+-- (sql/pair_points.sql), so the points file is read once and only the sort holds rows, or a table of it when a
+-- point had to choose between grids or a cap applies. run_info holds the region name.
+-- Ordered by tile, then by the order of the points file, so re-runs write the same file. The sort is needed:
+-- DuckDB joins do not preserve insertion order (without it, rows come out in a different chunk order on every
+-- run), and grouping by tile lets the per-tile columns compress into runs.
+SELECT a.sv_id, a.lon, a.lat, a.image_uri, a.heading, a.captured_at,
+       a.tile_id, a.grid, a.tile_crs, a.tile_minx, a.tile_miny, a.tile_maxx, a.tile_maxy,
+       a.tile_width, a.tile_height, a.lon_min, a.lat_max, a.lon_max, a.lat_min,
+       a.x, a.y,
+       least(CAST(floor(snap(a.x * a.tile_width)) AS INTEGER), a.tile_width - 1) AS col,
+       least(CAST(floor(snap(a.y * a.tile_height)) AS INTEGER), a.tile_height - 1) AS "row",
+       a.item_ids, a.collection, a.split, (SELECT region FROM run_info) AS region,
+       ST_Point(a.lon, a.lat) AS geometry
+FROM pairs_source a
+ORDER BY a.tidx, a.pidx
+

@@ -5,49 +5,63 @@
 --   tiles(...)  the tile grid (docs/DATA_CONTRACT.md): only tiles covered by an item
 --   grids(grid_id, grid, tile_crs, origin_x, origin_y, size, lon_min, lat_min, lon_max, lat_max)
 --         one row per regular grid present in `tiles` (an XYZ zoom, or one UTM zone), with its extent
--- Output: table in_tile(pidx, tidx, x, y), one row per (point, tile) where the point lies in the tile;
--- sql/pair_output.sql joins the point and tile columns back when writing.
+-- Output: a table tile_keys (one row per tile, tidx = its number) and a VIEW assigned: one row per
+-- (point, tile) where the point lies in the tile, with the point's columns, the tile's columns, and the
+-- offset (x, y). It is a view, so the pairs are written in one streaming pass over the points
+-- (sql/pair_output.sql reads it) and nothing of the size of the points is held in memory.
+-- With one grid a point has at most one row; with several (overlapping UTM zones) it can have one per grid,
+-- and sql/pair_one_tile_per_point.sql keeps one.
 --
--- Method: grid arithmetic, then a check; no spatial join. In the grid's CRS (Web-Mercator for XYZ, the UTM
--- zone otherwise) the point's tile coordinates are fx = (X - origin_x) / size and fy = (origin_y - Y) / size;
--- the tile is (floor(fx), floor(fy)) and the offset inside it (x, y) = (fx - floor(fx), fy - floor(fy)).
+-- Method: grid arithmetic; no spatial join. In the grid's CRS (Web-Mercator for XYZ, the UTM zone otherwise)
+-- the point's tile coordinates are fx = (X - origin_x) / size and fy = (origin_y - Y) / size; the tile is
+-- (floor(fx), floor(fy)) and the offset inside it (x, y) = (fx - floor(fx), fy - floor(fy)).
 -- Half-open rule: a tile owns its west and north edges (0 <= x < 1 and 0 <= y < 1 from its top-left
 -- corner), so a point on a shared edge or corner belongs to exactly one tile. Values within 1e-9 tile units
 -- of a grid line are snapped onto it, so float round-off cannot push an edge point across.
--- The candidate is joined to its tile by one integer key and checked against that tile's stored bounds
--- (to 1e-6 tile units: the check catches a wrong grid or key, while the assignment itself stays the
--- arithmetic one, so a point on an edge is never lost to round-off between the two computations).
+-- The exact check is made once per tile, not per point: tile_keys.off_grid is how far (in tile units) a tile's
+-- stored bounds lie from its grid cell, and gair_model/data/pairing.py refuses tiles off their grid. A point
+-- whose cell is a tile therefore lies inside that tile's stored bounds.
 
 CREATE OR REPLACE TEMP MACRO snap(v) AS CASE WHEN abs(v - round(v)) < 1e-9 THEN round(v) ELSE v END;
 -- One BIGINT per (grid, column, row): tile indices up to +-2^24 per axis (XYZ zoom <= 23, UTM tiles >= 1 m).
 CREATE OR REPLACE TEMP MACRO tile_key(g, ix, iy) AS g * 1125899906842624 + (ix + 16777216) * 33554432 + (iy + 16777216);
 CREATE OR REPLACE TEMP TABLE tile_keys AS
-SELECT row_number() OVER (ORDER BY t.tile_id) AS tidx,
-       tile_key(g.grid_id, CAST(round((t.tile_minx - g.origin_x) / g.size) AS BIGINT),
-                CAST(round((g.origin_y - t.tile_maxy) / g.size) AS BIGINT)) AS k,
-       t.* EXCLUDE (geometry, block_id)
-FROM tiles t JOIN grids g USING (grid, tile_crs);
-CREATE OR REPLACE TEMP TABLE in_tile AS
+SELECT row_number() OVER (ORDER BY tile_id) AS tidx, tile_key(grid_id, ix, iy) AS k,
+       greatest(abs(fx0 - ix), abs(fy0 - iy), abs(w - 1), abs(h - 1)) AS off_grid,
+       tile_id, grid, tile_crs, tile_minx, tile_miny, tile_maxx, tile_maxy, tile_width, tile_height,
+       lon_min, lat_max, lon_max, lat_min, item_ids, collection, split
+FROM (
+    SELECT *, CAST(round(fx0) AS BIGINT) AS ix, CAST(round(fy0) AS BIGINT) AS iy
+    FROM (
+        SELECT t.*, g.grid_id, (t.tile_minx - g.origin_x) / g.size AS fx0, (g.origin_y - t.tile_maxy) / g.size AS fy0,
+               (t.tile_maxx - t.tile_minx) / g.size AS w, (t.tile_maxy - t.tile_miny) / g.size AS h
+        FROM tiles t JOIN grids g USING (grid, tile_crs)
+    )
+);
+CREATE OR REPLACE TEMP VIEW assigned AS
 WITH projected AS (
-    SELECT p.pidx, g.grid_id, g.origin_x, g.origin_y, g.size, p.lon * 20037508.342789244 / 180.0 AS px,
+    SELECT p.*, g.grid_id, g.origin_x, g.origin_y, g.size, p.lon * 20037508.342789244 / 180.0 AS px,
            ln(tan(pi() / 4.0 + radians(p.lat) / 2.0)) * 20037508.342789244 / pi() AS py
     FROM points p JOIN grids g ON g.grid = 'xyz'
     WHERE p.lon BETWEEN g.lon_min AND g.lon_max AND p.lat BETWEEN g.lat_min AND g.lat_max
     UNION ALL
-    SELECT pidx, grid_id, origin_x, origin_y, size, ST_X(pt) AS px, ST_Y(pt) AS py
+    SELECT * EXCLUDE (pt), ST_X(pt) AS px, ST_Y(pt) AS py
     FROM (
-        SELECT p.pidx, g.grid_id, g.origin_x, g.origin_y, g.size,
+        SELECT p.*, g.grid_id, g.origin_x, g.origin_y, g.size,
                ST_Transform(ST_Point(p.lon, p.lat), 'EPSG:4326', g.tile_crs, always_xy := true) AS pt
         FROM points p JOIN grids g ON g.grid = 'utm'
         WHERE p.lon BETWEEN g.lon_min AND g.lon_max AND p.lat BETWEEN g.lat_min AND g.lat_max
     )
 ),
-candidates AS (
-    SELECT pidx, px, py, fx, fy, tile_key(grid_id, CAST(floor(fx) AS BIGINT), CAST(floor(fy) AS BIGINT)) AS k
-    FROM (SELECT pidx, grid_id, px, py, snap((px - origin_x) / size) AS fx, snap((origin_y - py) / size) AS fy
-          FROM projected)
+snapped AS (
+    SELECT * EXCLUDE (fx_raw, fy_raw), snap(fx_raw) AS fx, snap(fy_raw) AS fy
+    FROM (SELECT * EXCLUDE (px, py, origin_x, origin_y, size),
+                 (px - origin_x) / size AS fx_raw, (origin_y - py) / size AS fy_raw FROM projected)
+),
+cells AS (
+    SELECT * EXCLUDE (fx, fy), fx - ixf AS x, fy - iyf AS y,
+           tile_key(grid_id, CAST(ixf AS BIGINT), CAST(iyf AS BIGINT)) AS k
+    FROM (SELECT *, floor(fx) AS ixf, floor(fy) AS iyf FROM snapped)
 )
-SELECT c.pidx, t.tidx, c.fx - floor(c.fx) AS x, c.fy - floor(c.fy) AS y
-FROM candidates c JOIN tile_keys t USING (k)
-WHERE (c.px - t.tile_minx) / (t.tile_maxx - t.tile_minx) BETWEEN -1e-6 AND 1 + 1e-6
-  AND (t.tile_maxy - c.py) / (t.tile_maxy - t.tile_miny) BETWEEN -1e-6 AND 1 + 1e-6;
+SELECT c.* EXCLUDE (grid_id, ixf, iyf, k, x, y), t.* EXCLUDE (k, off_grid), c.x, c.y
+FROM cells c JOIN tile_keys t USING (k);

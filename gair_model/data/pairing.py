@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -21,9 +22,11 @@ from gair_model.data.geo import MERC_HALF
 log = logging.getLogger(__name__)
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
-#: DuckDB memory_limit used by the pipeline and the benchmark: keeps the pairing of 10M points under ~1.5 GB RSS
-#: (DuckDB spills its sort/join state to disk beyond it).
+#: DuckDB memory_limit used by the pipeline and the benchmark: keeps the pairing of 10M points under ~1.6 GB RSS
+#: (DuckDB spills its sort state to disk beyond it).
 DEFAULT_MEMORY_LIMIT = "1GB"
+#: How far (in tile units) a tile's stored bounds may lie from its grid cell; the pairing refuses tiles beyond it.
+OFF_GRID_TOLERANCE = 1e-6
 
 
 def spatial_extension_path() -> Path:
@@ -43,9 +46,20 @@ def spatial_extension_path() -> Path:
                        f"(found {[p.parent.name for p in found]}); pin them to the same version")
 
 
-def connect(memory_limit: str | None = None, threads: int | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the spatial extension loaded (never downloaded)."""
-    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+def connect(memory_limit: str | None = None, threads: int | None = None,
+            temp_directory: str | Path | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the spatial extension loaded (never downloaded).
+
+    Args:
+        memory_limit: DuckDB ``memory_limit`` (e.g. ``"1GB"``); beyond it sorts and tables spill to disk.
+        threads: DuckDB ``threads``; its default (all cores) when None.
+        temp_directory: where DuckDB spills; a folder of this process under the system temp dir when None
+            (DuckDB's own default is ``.tmp`` in the working directory, shared by concurrent runs).
+    """
+    if temp_directory is None:
+        temp_directory = Path(tempfile.gettempdir()) / f"gair-duckdb-{os.getpid()}"
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False,
+                                 "temp_directory": str(temp_directory)})
     con.execute(f"LOAD '{spatial_extension_path()}'")
     if memory_limit:
         con.execute(f"SET memory_limit = '{memory_limit}'")
@@ -93,13 +107,68 @@ class PairingResult:
     capped: int
     tiles_with_points: int
     seconds: float
-    join_seconds: float = 0.0  # up to the (point, tile) assignment, before writing the GeoParquet
+
+
+def prepare_pairing(con: duckdb.DuckDBPyConnection, points_path: str | Path, tiles_path: str | Path,
+                    region: str | None = None) -> int:
+    """Load the inputs and define the view ``assigned`` (``sql/pair_points.sql``) on ``con``.
+
+    Args:
+        con: a connection from :func:`connect`.
+        points_path: Parquet with ``sv_id, lon, lat, image_uri, heading, captured_at`` (validated points).
+        tiles_path: the tile grid GeoParquet (``docs/DATA_CONTRACT.md``).
+        region: the region (partition) name written in the ``region`` column.
+
+    Returns:
+        The number of regular grids among the tiles (more than one: a point may lie in tiles of two grids).
+    """
+    con.execute(f"CREATE OR REPLACE TEMP VIEW points AS SELECT file_row_number AS pidx, sv_id, lon, lat, image_uri, "
+                f"heading, captured_at FROM read_parquet('{_q(points_path)}', file_row_number = true)")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE tiles AS SELECT * FROM read_parquet('{_q(tiles_path)}')")
+    tiles_meta = con.execute("SELECT grid, tile_crs, tile_minx, tile_maxx, lon_min, lat_min, lon_max, lat_max "
+                             "FROM tiles").df()
+    grids = grids_table(tiles_meta)
+    con.register("grids_df", grids)
+    con.execute("CREATE OR REPLACE TEMP TABLE grids AS SELECT * FROM grids_df")
+    con.unregister("grids_df")
+    con.execute("CREATE OR REPLACE TEMP TABLE run_info AS SELECT CAST(? AS VARCHAR) AS region", [region])
+    run_sql(con, "pair_points.sql")
+    off = con.execute("SELECT tile_id, off_grid FROM tile_keys WHERE NOT coalesce(off_grid <= ?, false) "
+                      "ORDER BY tile_id", [OFF_GRID_TOLERANCE]).fetchall()
+    if off:
+        shown = ", ".join(f"{tid} ({dev:.2g} tile units)" for tid, dev in off[:5])
+        raise ValueError(f"{len(off)} tile(s) in {tiles_path} do not lie on a regular grid (bounds off their grid "
+                         f"cell by more than {OFF_GRID_TOLERANCE} tile units): {shown}")
+    return len(grids)
+
+
+def assign_points(points_path: str | Path, tiles_path: str | Path, *,
+                  con: duckdb.DuckDBPyConnection | None = None) -> int:
+    """The assignment alone: materialise ``assigned_rows(pidx, tidx, x, y)``, one row per paired point.
+
+    This is what a spatial join computes (no point or tile attributes, nothing written); the benchmark
+    compares it with geopandas ``sjoin``. :func:`pair_points` streams the same view into the pairs file.
+
+    Returns:
+        The number of paired points.
+    """
+    con = con or connect()
+    n_grids = prepare_pairing(con, points_path, tiles_path)
+    con.execute("CREATE OR REPLACE TEMP TABLE assigned_rows AS SELECT pidx, tidx, x, y FROM assigned")
+    if n_grids > 1:
+        run_sql(con, "pair_one_tile_per_point.sql")
+    return int(con.execute("SELECT count(*) FROM assigned_rows").fetchone()[0])
 
 
 def pair_points(points_path: str | Path, tiles_path: str | Path, out_path: str | Path, *,
                 max_points_per_tile: int | None = None, unpaired_path: str | Path | None = None,
                 con: duckdb.DuckDBPyConnection | None = None, region: str | None = None) -> PairingResult:
     """Pair every point with the one tile that contains it; write GeoParquet atomically.
+
+    With one grid and no cap the points file is read once and the pairs go through DuckDB's sort (by tile, then
+    input order) into the file; a choice between grids or a cap needs the assigned rows in a table first. The
+    same inputs give the same file. Nothing is visible at ``out_path`` / ``unpaired_path`` until both are
+    complete.
 
     Args:
         points_path: Parquet with ``sv_id, lon, lat, image_uri, heading, captured_at`` (validated points).
@@ -114,42 +183,56 @@ def pair_points(points_path: str | Path, tiles_path: str | Path, out_path: str |
         Counts of the run.
     """
     t0 = time.perf_counter()
-    con = con or connect()
-    out_path, tiles_path = Path(out_path), Path(tiles_path)
     if max_points_per_tile is not None and max_points_per_tile < 1:
         raise ValueError("max_points_per_tile must be >= 1 or None")
-    con.execute(f"CREATE OR REPLACE TEMP VIEW points AS SELECT file_row_number AS pidx, sv_id, lon, lat, image_uri, "
-                f"heading, captured_at FROM read_parquet('{_q(points_path)}', file_row_number = true)")
-    con.execute(f"CREATE OR REPLACE TEMP TABLE tiles AS SELECT * FROM read_parquet('{_q(tiles_path)}')")
-    tiles_meta = con.execute("SELECT grid, tile_crs, tile_minx, tile_maxx, lon_min, lat_min, lon_max, lat_max "
-                             "FROM tiles").df()
-    con.register("grids_df", grids_table(tiles_meta))
-    con.execute("CREATE OR REPLACE TEMP TABLE run_info AS SELECT CAST(? AS VARCHAR) AS region", [region])
-    con.execute("CREATE OR REPLACE TEMP TABLE grids AS SELECT * FROM grids_df")
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    run_sql(con, "pair_points.sql")
-    if con.execute("SELECT count(*) FROM grids").fetchone()[0] > 1:
-        run_sql(con, "pair_one_tile_per_point.sql")
-    one_per_point = con.execute("SELECT count(*) FROM in_tile").fetchone()[0]
-    if max_points_per_tile is not None:
-        run_sql(con, "pair_cap_per_tile.sql", {"max_points_per_tile": int(max_points_per_tile)})
-    paired, n_tiles = con.execute("SELECT count(*), count(DISTINCT tidx) FROM in_tile").fetchone()
-    t_join = time.perf_counter() - t0
-    output = _strip_comments(read_sql("pair_output.sql"))
-    con.execute(f"COPY ({output}) TO '{_q(tmp)}' (FORMAT parquet, COMPRESSION zstd)")
-    os.replace(tmp, out_path)
-    n_points = con.execute("SELECT count(*) FROM points").fetchone()[0]
-    if unpaired_path is not None:
-        unpaired_path = Path(unpaired_path)
-        tmp_u = unpaired_path.with_name(f".{unpaired_path.name}.tmp-{os.getpid()}")
-        con.execute(f"COPY (SELECT p.* EXCLUDE (pidx) FROM points p ANTI JOIN in_tile USING (pidx) ORDER BY pidx) "
-                    f"TO '{_q(tmp_u)}' (FORMAT parquet)")
-        os.replace(tmp_u, unpaired_path)
-    con.execute("DROP TABLE in_tile")
-    con.execute("DROP TABLE tile_keys")
-    return PairingResult(int(n_points), int(paired), int(n_points - one_per_point), int(one_per_point - paired),
-                         int(n_tiles), time.perf_counter() - t0, t_join)
+    con = con or connect()
+    out_path = Path(out_path)
+    n_grids = prepare_pairing(con, points_path, tiles_path, region)
+    n_points = int(con.execute("SELECT count(*) FROM points").fetchone()[0])
+    materialise = n_grids > 1 or max_points_per_tile is not None
+    if materialise:
+        con.execute("CREATE OR REPLACE TEMP TABLE assigned_rows AS SELECT * FROM assigned")
+        if n_grids > 1:
+            run_sql(con, "pair_one_tile_per_point.sql")
+    pending: list[tuple[Path, Path]] = []  # (tmp, final): replaced only once every file is complete
+    try:
+        if unpaired_path is not None:
+            # Before the cap: a capped point lies in a tile, it is not unpaired.
+            unpaired_path = Path(unpaired_path)
+            pending.append((_tmp_path(unpaired_path), unpaired_path))
+            con.execute(f"COPY (SELECT p.* EXCLUDE (pidx) FROM points p ANTI JOIN "
+                        f"(SELECT pidx FROM {'assigned_rows' if materialise else 'assigned'}) USING (pidx) "
+                        f"ORDER BY p.pidx) TO '{_q(pending[-1][0])}' (FORMAT parquet)")
+        one_per_point = None
+        if materialise:
+            one_per_point = int(con.execute("SELECT count(*) FROM assigned_rows").fetchone()[0])
+            if max_points_per_tile is not None:
+                run_sql(con, "pair_cap_per_tile.sql", {"max_points_per_tile": int(max_points_per_tile)})
+        con.execute(f"CREATE OR REPLACE TEMP VIEW pairs_source AS SELECT * FROM "
+                    f"{'assigned_rows' if materialise else 'assigned'}")
+        pending.append((_tmp_path(out_path), out_path))
+        paired = int(con.execute(f"COPY ({_strip_comments(read_sql('pair_output.sql'))}) TO '{_q(pending[-1][0])}' "
+                                 f"(FORMAT parquet, COMPRESSION zstd)").fetchone()[0])
+        n_tiles = int(con.execute(f"SELECT count(DISTINCT tile_id) FROM read_parquet('{_q(pending[-1][0])}')")
+                      .fetchone()[0])
+        for tmp, final in pending:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in pending:
+            tmp.unlink(missing_ok=True)
+    for name in ("pairs_source", "assigned"):
+        con.execute(f"DROP VIEW IF EXISTS {name}")
+    for name in ("assigned_rows", "tile_keys"):
+        con.execute(f"DROP TABLE IF EXISTS {name}")
+    if one_per_point is None:  # one grid: a point is in at most one tile
+        one_per_point = paired
+    return PairingResult(n_points, paired, n_points - one_per_point, one_per_point - paired, n_tiles,
+                         time.perf_counter() - t0)
+
+
+def _tmp_path(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def run_sql(con: duckdb.DuckDBPyConnection, name: str, params: dict | None = None) -> None:

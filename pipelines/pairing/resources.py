@@ -13,7 +13,10 @@ class DuckDBEngine(dg.ConfigurableResource):
 
     memory_limit: str = Field(default=DEFAULT_MEMORY_LIMIT, description="DuckDB memory_limit")
     threads: int = Field(default=0, description="0 = DuckDB's default (all cores)")
+    temp_directory: str = Field(default="", description="where DuckDB spills beyond memory_limit; empty = a "
+                                "folder of the process under the system temp dir")
 
     def connect(self) -> duckdb.DuckDBPyConnection:
         """A fresh connection."""
-        return connect(memory_limit=self.memory_limit, threads=self.threads or None)
+        return connect(memory_limit=self.memory_limit, threads=self.threads or None,
+                       temp_directory=self.temp_directory or None)

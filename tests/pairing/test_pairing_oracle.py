@@ -1,5 +1,9 @@
 """DuckDB pairing (grid arithmetic + exact check) against a geopandas sjoin oracle."""
 
+import hashlib
+import tempfile
+from pathlib import Path
+
 import geopandas as gpd
 import numpy as np
 import pandas as pd
@@ -7,7 +11,7 @@ import pytest
 from shapely.geometry import box
 
 from gair_model.data.geo import transformer, xyz_tile_lonlat_bounds, xyz_tile_of
-from gair_model.data.pairing import connect, pair_points
+from gair_model.data.pairing import assign_points, connect, pair_points
 from gair_model.data.tile_grid import GridConfig, SplitConfig, build_tiles
 
 
@@ -99,6 +103,7 @@ def test_xyz_random_edges_corners_outside(tmp_path):
     assert (got.tile_id == [f"z{zoom}-{a}-{b}" for a, b in zip(tx, ty, strict=True)]).all()
     unpaired = pd.read_parquet(tmp_path / "unpaired.parquet")
     assert len(unpaired) == res.outside and not set(unpaired.sv_id) & set(got.sv_id)
+    assert assign_points(tmp_path / "points.parquet", tmp_path / "tiles.parquet") == res.paired
 
 
 def test_pixel_and_bbox_fields(tmp_path):
@@ -132,6 +137,11 @@ def test_two_utm_zones_each_point_once(tmp_path):
     overlap = got[(got.lon > 11.85) & (got.lon < 12.15)]
     assert set(overlap.tile_crs) == {"EPSG:32632", "EPSG:32633"}  # the most central tile wins, either zone
     assert res.paired + res.outside == len(pts)
+    # The assignment alone (what the benchmark times) takes the same multi-grid path.
+    con = connect()
+    assert assign_points(tmp_path / "points.parquet", tmp_path / "tiles.parquet", con=con) == res.paired
+    assigned = con.execute("SELECT count(DISTINCT pidx), count(*) FROM assigned_rows").fetchone()
+    assert assigned == (res.paired, res.paired)
 
 
 def test_cap_points_per_tile_is_deterministic(tmp_path):
@@ -144,6 +154,48 @@ def test_cap_points_per_tile_is_deterministic(tmp_path):
     assert a.groupby("tile_id").size().max() == 5
     assert a.sv_id.tolist() == b.sv_id.tolist()
     assert res1.capped > 0 and res1.paired + res1.capped + res1.outside == len(pts)
+    # A capped point lies inside a tile: it is not listed as unpaired.
+    unpaired = pd.read_parquet(tmp_path / "unpaired.parquet")
+    assert len(unpaired) == res1.outside
+    capped = set(pts.sv_id) - set(a.sv_id) - set(unpaired.sv_id)
+    assert len(capped) == res1.capped
+
+
+def test_rows_ordered_by_tile_then_input_and_reruns_identical(tmp_path):
+    # Enough points for many DuckDB chunks on several threads: row order must not depend on scheduling.
+    items = _items((box(13.0, 55.6, 13.4, 55.8), 32633))
+    tiles = build_tiles(items, (13.1, 55.65, 13.3, 55.75), GridConfig(kind="xyz", zoom=14, tile_px=96), SplitConfig())
+    rng = np.random.default_rng(3)
+    pts = _points(rng.uniform(13.08, 13.32, 200_000), rng.uniform(55.64, 55.76, 200_000))
+    pts.to_parquet(tmp_path / "points.parquet")
+    tiles.to_parquet(tmp_path / "tiles.parquet")
+    digests = []
+    for run in range(2):
+        out = tmp_path / f"pairs{run}.parquet"
+        pair_points(tmp_path / "points.parquet", tmp_path / "tiles.parquet", out, con=connect(threads=2))
+        digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+    got = pd.read_parquet(tmp_path / "pairs0.parquet", columns=["sv_id", "tile_id"])
+    assert got.tile_id.is_monotonic_increasing
+    assert all(g.sv_id.is_monotonic_increasing for _, g in got.groupby("tile_id"))  # sv_id = input order here
+    want = _oracle(pts, tiles)
+    assert sorted(got.sv_id) == want.sv_id.tolist()
+
+
+def test_tile_off_its_grid_is_refused(tmp_path):
+    items = _items((box(13.0, 55.6, 13.4, 55.8), 32633))
+    tiles = build_tiles(items, (13.15, 55.68, 13.25, 55.72), GridConfig(kind="xyz", zoom=14, tile_px=96), SplitConfig())
+    bad = tiles.tile_id.iloc[1]
+    tiles.loc[tiles.tile_id == bad, ["tile_minx", "tile_maxx"]] += 10.0  # 10 m east of its cell
+    pts = _points(np.array([13.2]), np.array([55.7]))
+    with pytest.raises(ValueError, match=f"1 tile.*not lie on a regular grid.*{bad}"):
+        _run(tmp_path, pts, tiles)
+    assert not (tmp_path / "pairs.parquet").exists()
+
+
+def test_spill_folder_is_per_process_not_the_working_directory():
+    setting = connect().execute("SELECT current_setting('temp_directory')").fetchone()[0]
+    assert Path(setting).parent == Path(tempfile.gettempdir()) and setting != ".tmp"
 
 
 def test_spatial_extension_loads_offline():
