@@ -171,12 +171,18 @@ def _absolutize(item: dict, base: str) -> dict:
     return item
 
 
+GEOPARQUET_SUFFIXES = (".parquet", ".geoparquet")
+
+
 def _iter_catalog_items(path: Path) -> Iterable[dict]:
-    """Yield items (asset hrefs absolute) from a static catalog, collection, item collection or ndjson file."""
+    """Yield items (asset hrefs absolute) from a catalog, collection, item collection, ndjson or stac-geoparquet."""
     if path.is_dir():
         path = path / "catalog.json"
     if not path.exists():
         raise StacSearchError(f"local catalog not found: {path}")
+    if path.suffix.lower() in GEOPARQUET_SUFFIXES:
+        yield from (_absolutize(item, str(path)) for item in _read_stac_geoparquet(path))
+        return
     text = path.read_text()
     if path.suffix == ".ndjson":
         for line in text.splitlines():
@@ -205,8 +211,21 @@ def _iter_catalog_items(path: Path) -> Iterable[dict]:
         raise StacSearchError(f"{path}: not a STAC catalog, collection, item or item collection")
 
 
+def _read_stac_geoparquet(path: Path) -> list[dict]:
+    """Items of a stac-geoparquet file (read with rustac, which implements the spec)."""
+    import rustac  # the STAC reader for stac-geoparquet; imported here so JSON catalogs never need it
+
+    try:
+        doc = rustac.read_sync(str(path), format="geoparquet")
+    except Exception as exc:  # rustac raises its own error types (RustacError, OSError, ValueError)
+        raise StacSearchError(f"{path} is not a readable stac-geoparquet file: {exc}") from exc
+    if doc.get("type") != "FeatureCollection":
+        raise StacSearchError(f"{path}: stac-geoparquet did not hold an item collection")
+    return list(doc.get("features", []))
+
+
 def search_local(catalog: str | Path, params: SearchParams) -> list[dict]:
-    """Search a local static catalog (or item collection / ndjson file) like a STAC API would.
+    """Search a local static catalog (or item collection / ndjson / stac-geoparquet file) like a STAC API would.
 
     Returns:
         Matching items, sorted by datetime then id, at most ``params.max_items``.

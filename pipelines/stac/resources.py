@@ -25,7 +25,7 @@ class StacCatalog(dg.ConfigurableResource):
 
 
 class LocalStacCatalog(StacCatalog):
-    """A static catalog on disk (catalog.json, collection.json, an item collection or .ndjson).
+    """A static catalog on disk (catalog.json, collection.json, an item collection, .ndjson or stac-geoparquet).
 
     With no ``path`` it is the embedded SYNTHETIC sample catalog, generated on first use.
     """

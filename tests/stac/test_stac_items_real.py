@@ -6,6 +6,7 @@ import pytest
 
 from gair_model.data.stac_catalog import (
     SearchParams,
+    StacSearchError,
     item_epsg,
     items_to_geodataframe,
     read_items,
@@ -113,3 +114,32 @@ def test_local_search_over_real_item_collection():
 def test_invalid_bbox_rejected(bbox):
     with pytest.raises(ValueError):
         SearchParams(collections=("sentinel-2-l2a",), bbox=bbox)
+
+
+def test_local_catalog_reads_stac_geoparquet(tmp_path):
+    """A stac-geoparquet file (written by rustac from the real PC items) searches like the JSON items."""
+    import rustac
+
+    items = _load("stac-geoparquet__sentinel-2-l2a-pc.json") + _load("stac-geoparquet__landsat-c2-l2-pc.json")
+    as_json = tmp_path / "items.json"
+    as_json.write_text(json.dumps({"type": "FeatureCollection", "features": items}))
+    as_parquet = tmp_path / "items.parquet"
+    rustac.write_sync(str(as_parquet), items)
+    w, s, e, n = items[0]["bbox"]
+    for params in (SearchParams(collections=("sentinel-2-l2a",), bbox=(w, s, e, n)),
+                   SearchParams(collections=("sentinel-2-l2a", "landsat-c2-l2"), bbox=(-180, -90, 180, 90),
+                                max_cloud_cover=50.0)):
+        want, got = search_local(as_json, params), search_local(as_parquet, params)
+        assert [it["id"] for it in got] == [it["id"] for it in want] and got
+        for g, wnt in zip(got, want, strict=True):
+            assert item_epsg(g) == item_epsg(wnt)
+            assert g["properties"]["eo:cloud_cover"] == wnt["properties"]["eo:cloud_cover"]
+            assert {k: a["href"] for k, a in g["assets"].items()} == {k: a["href"] for k, a in wnt["assets"].items()}
+            assert "?" not in g["assets"]["B04" if "B04" in g["assets"] else "red"]["href"]  # stored unsigned
+
+
+def test_corrupt_stac_geoparquet_is_a_clear_error(tmp_path):
+    bad = tmp_path / "items.parquet"
+    bad.write_bytes(b"PAR1 this is not a parquet file")
+    with pytest.raises(StacSearchError, match="not a readable stac-geoparquet"):
+        search_local(bad, SearchParams(collections=("sentinel-2-l2a",), bbox=(0, 0, 1, 1)))
