@@ -1,14 +1,17 @@
 """Region configuration: the YAML file whose regions become the Dagster partitions."""
 
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import shapely
 import yaml
+from shapely.geometry import box, mapping
 
-from gair_model.data.geo import check_bbox
+from gair_model.data.geo import check_bbox, check_region_geometry
 from gair_model.data.stac_catalog import SearchParams
 from gair_model.data.tile_grid import GridConfig, SplitConfig
 
@@ -64,10 +67,16 @@ class RegionConfig:
     max_points_per_tile: int | None = None
     description: str = ""
     base_dir: Path = field(default=REPO_ROOT)
+    geometry: dict | None = None  # GeoJSON (Multi)Polygon when the region is not a plain bbox; bbox = its bounds
+
+    def area(self) -> shapely.Geometry:
+        """The region as a shapely geometry (EPSG:4326): its polygon, or its bbox."""
+        return shapely.geometry.shape(self.geometry) if self.geometry else box(*self.bbox)
 
     def search_params(self) -> SearchParams:
-        """The STAC search for this region."""
-        return SearchParams(collections=self.collections, bbox=self.bbox, datetime=self.datetime,
+        """The STAC search for this region (``intersects`` its polygon when it has one, else its bbox)."""
+        return SearchParams(collections=self.collections, bbox=None if self.geometry else self.bbox,
+                            intersects=self.geometry, datetime=self.datetime,
                             max_cloud_cover=self.max_cloud_cover, max_items=self.max_items)
 
 
@@ -78,9 +87,27 @@ def _merge(defaults: dict, region: dict) -> dict:
     return out
 
 
+def _region_geometry(name: str, raw: Any, base: Path) -> dict:
+    """The region's polygon from inline GeoJSON or a GeoJSON file (relative to the regions file)."""
+    if isinstance(raw, str):
+        path = Path(raw) if Path(raw).is_absolute() else (base / raw).resolve()
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ValueError(f"region {name!r}: geometry file not found: {path}") from exc
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"region {name!r}: geometry file {path} is not JSON: {exc}") from exc
+    try:
+        return mapping(check_region_geometry(raw))
+    except ValueError as exc:
+        raise ValueError(f"region {name!r}: {exc}") from exc
+
+
 def _region(name: str, raw: dict[str, Any], base: Path) -> RegionConfig:
-    if "bbox" not in raw:
-        raise ValueError(f"region {name!r}: 'bbox' is required ([west, south, east, north])")
+    if ("bbox" in raw) == ("geometry" in raw):
+        raise ValueError(f"region {name!r}: give exactly one of 'bbox' ([west, south, east, north]) or 'geometry' "
+                         f"(a GeoJSON Polygon/MultiPolygon, inline or a file path)")
+    geometry = _region_geometry(name, raw["geometry"], base) if "geometry" in raw else None
     sv = raw.get("streetview")
     if not sv or "path" not in sv:
         raise ValueError(f"region {name!r}: 'streetview: {{kind, path}}' is required")
@@ -89,7 +116,7 @@ def _region(name: str, raw: dict[str, Any], base: Path) -> RegionConfig:
     cap = raw.get("max_points_per_tile")
     return RegionConfig(
         name=name,
-        bbox=check_bbox(raw["bbox"]),
+        bbox=check_bbox(raw["bbox"]) if geometry is None else shapely.geometry.shape(geometry).bounds,
         collections=tuple(raw.get("collections", ["sentinel-2-l2a"])),
         datetime=raw.get("datetime"),
         max_cloud_cover=raw.get("max_cloud_cover"),
@@ -100,6 +127,7 @@ def _region(name: str, raw: dict[str, Any], base: Path) -> RegionConfig:
         max_points_per_tile=int(cap) if cap is not None else None,
         description=raw.get("description", ""),
         base_dir=base,
+        geometry=geometry,
     )
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import shapely
+import shapely.geometry
 from pyproj import CRS, Transformer
 
 #: Half the Web-Mercator world width in metres.
@@ -41,6 +42,39 @@ def check_bbox(bbox: list[float] | tuple[float, ...]) -> tuple[float, float, flo
     if not (west < east and south < north):
         raise ValueError(f"bbox must have west < east and south < north, got {bbox!r}")
     return west, south, east, north
+
+
+def check_region_geometry(geojson: dict) -> shapely.Geometry:
+    """Validate a region given as GeoJSON (EPSG:4326) and return it as a shapely (Multi)Polygon.
+
+    Accepts a geometry, a Feature or a FeatureCollection (its features are unioned).
+
+    Raises:
+        ValueError: not polygonal, empty, invalid, or with coordinates outside -180..180 / -90..90.
+    """
+    if not isinstance(geojson, dict) or "type" not in geojson:
+        raise ValueError(f"region geometry must be a GeoJSON object with a 'type', got {type(geojson).__name__}")
+    kind = geojson["type"]
+    try:
+        if kind == "FeatureCollection":
+            parts = [shapely.geometry.shape(f["geometry"]) for f in geojson.get("features", [])]
+            geom = shapely.union_all(parts) if parts else shapely.Polygon()
+        elif kind == "Feature":
+            geom = shapely.geometry.shape(geojson["geometry"])
+        else:
+            geom = shapely.geometry.shape(geojson)
+    except (KeyError, TypeError, ValueError, shapely.errors.GEOSException) as exc:
+        raise ValueError(f"region geometry is not valid GeoJSON: {exc}") from exc
+    if geom.is_empty:
+        raise ValueError("region geometry is empty")
+    if geom.geom_type not in ("Polygon", "MultiPolygon"):
+        raise ValueError(f"region geometry must be a Polygon or MultiPolygon, got {geom.geom_type}")
+    if not geom.is_valid:
+        raise ValueError(f"region geometry is invalid: {shapely.is_valid_reason(geom)}")
+    west, south, east, north = geom.bounds
+    check_lonlat(west, south)
+    check_lonlat(east, north)
+    return geom
 
 
 def _snap_floor(values: np.ndarray) -> np.ndarray:

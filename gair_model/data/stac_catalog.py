@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import geopandas as gpd
+import shapely
 from shapely.geometry import box, shape
 
 from gair_model.data.geo import check_bbox
@@ -78,6 +79,10 @@ class SearchParams:
         d = asdict(self)
         d["collections"] = list(self.collections)
         d["bbox"] = list(self.bbox) if self.bbox else None
+        if self.intersects is not None:  # a summary: a detailed boundary would flood logs and metadata
+            geom = self.area()
+            d["intersects"] = {"type": geom.geom_type, "vertices": int(shapely.get_num_coordinates(geom)),
+                               "bounds": [round(v, 6) for v in geom.bounds]}
         return d
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import shapely
 from shapely import STRtree
 from shapely.geometry import box
 
@@ -95,19 +96,21 @@ def _assign_items(tile_polys: list, items: gpd.GeoDataFrame, per_tile: int) -> l
     return out
 
 
-def build_tiles(items: gpd.GeoDataFrame, region_bbox, grid: GridConfig, split: SplitConfig) -> gpd.GeoDataFrame:
+def build_tiles(items: gpd.GeoDataFrame, region, grid: GridConfig, split: SplitConfig) -> gpd.GeoDataFrame:
     """Cut the region into tiles covered by at least one item.
 
     Args:
         items: the items table (``items_to_geodataframe``).
-        region_bbox: ``[west, south, east, north]`` of the region (EPSG:4326).
+        region: ``[west, south, east, north]`` of the region, or its shapely (Multi)Polygon (EPSG:4326); only
+            tiles that intersect it are kept.
         grid: how tiles are cut.
         split: the spatial split.
 
     Returns:
         A GeoDataFrame with the columns of ``TILE_COLUMNS`` (tile polygons in EPSG:4326), sorted by tile_id.
     """
-    west, south, east, north = check_bbox(region_bbox)
+    region = region if isinstance(region, shapely.Geometry) else box(*check_bbox(region))
+    west, south, east, north = region.bounds
     rows: list[dict] = []
     if items.empty:
         return gpd.GeoDataFrame(columns=TILE_COLUMNS, geometry="geometry", crs="EPSG:4326")
@@ -117,7 +120,7 @@ def build_tiles(items: gpd.GeoDataFrame, region_bbox, grid: GridConfig, split: S
         polys = [box(*xyz_tile_lonlat_bounds(tx, ty, grid.zoom)) for tx, ty in cands]
         assigned = _assign_items(polys, items, grid.items_per_tile)
         for (tx, ty), poly, ids in zip(cands, polys, assigned, strict=True):
-            if not ids:
+            if not ids or not poly.intersects(region):
                 continue
             lon0, lat0, lon1, lat1 = poly.bounds
             bx, by = tx // split.block_tiles, ty // split.block_tiles
@@ -125,7 +128,6 @@ def build_tiles(items: gpd.GeoDataFrame, region_bbox, grid: GridConfig, split: S
                              xyz_tile_merc_bounds(tx, ty, grid.zoom), grid.tile_px, (lon0, lat0, lon1, lat1), ids,
                              f"z{grid.zoom}-b{split.block_tiles}-{bx}-{by}", split, items, poly))
     else:
-        region = box(west, south, east, north)
         for epsg, group in items.groupby("epsg"):
             ug = UtmGrid(int(epsg), grid.tile_px, grid.resolution)
             rx0, ry0, rx1, ry1 = reproject(region.segmentize(0.01), 4326, int(epsg)).bounds

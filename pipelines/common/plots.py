@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from shapely.geometry import box  # noqa: E402
 
 
 def figure_md(fig, alt: str = "preview") -> dg.MetadataValue:
@@ -19,8 +20,8 @@ def figure_md(fig, alt: str = "preview") -> dg.MetadataValue:
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})")
 
 
-def footprints_map(geoms, bbox, title: str, colors=None, points=None):
-    """Outline polygons (EPSG:4326) with the region bbox and optional points; returns a figure."""
+def footprints_map(geoms, region, title: str, colors=None, points=None):
+    """Outline polygons (EPSG:4326) with the region (a bbox or a shapely polygon) and optional points."""
     fig, ax = plt.subplots(figsize=(5, 5))
     for i, g in enumerate(geoms):
         polys = getattr(g, "geoms", [g])
@@ -29,8 +30,10 @@ def footprints_map(geoms, bbox, title: str, colors=None, points=None):
             c = colors[i] if colors is not None else "tab:blue"
             ax.fill(x, y, alpha=0.25, color=c, lw=0)
             ax.plot(x, y, color=c, lw=0.6)
-    w, s, e, n = bbox
-    ax.plot([w, e, e, w, w], [s, s, n, n, s], "k--", lw=1, label="region")
+    outline = region if hasattr(region, "geom_type") else box(*region)
+    for i, part in enumerate(getattr(outline, "geoms", [outline])):
+        x, y = part.exterior.xy
+        ax.plot(x, y, "k--", lw=1, label="region" if i == 0 else None)
     if points is not None and len(points):
         ax.scatter(points[0], points[1], s=2, c="k", alpha=0.5, label="SV points")
     ax.set_title(title, fontsize=9)

@@ -66,7 +66,7 @@ def stac_items(context: dg.AssetExecutionContext, stac: StacCatalog, data_root: 
         "items_table": dg.MetadataValue.md(gdf.drop(columns="geometry").head(20).to_markdown(index=False)),
         "items_json": dg.MetadataValue.path(str(json_path)),
         "items_parquet": dg.MetadataValue.path(str(pq_path)),
-        "footprints": figure_md(footprints_map(list(gdf.geometry), region.bbox, f"{region.name}: item footprints")),
+        "footprints": figure_md(footprints_map(list(gdf.geometry), region.area(), f"{region.name}: item footprints")),
     })
 
 
@@ -83,10 +83,10 @@ def tile_grid(context: dg.AssetExecutionContext, data_root: DataRoot) -> dg.Mate
     """Tile footprints (XYZ or UTM pixel grid) covered by items, with their items and spatial split."""
     region = region_of(context)
     items = gpd.read_parquet(data_root.stage_dir("stac", region.name) / "items.parquet")
-    tiles = build_tiles(items, region.bbox, region.grid, region.split)
+    tiles = build_tiles(items, region.area(), region.grid, region.split)
     if tiles.empty:
         raise dg.Failure(f"no {region.grid.kind} tile of region {region.name} is fully covered by any of the "
-                         f"{len(items)} items; check the bbox, the zoom/tile size and the item footprints")
+                         f"{len(items)} items; check the region, the zoom/tile size and the item footprints")
     out = data_root.stage_dir("tiles", region.name) / "tiles.parquet"
     tmp = out.with_name(".tiles.parquet.tmp")
     tiles.to_parquet(tmp, index=False)
@@ -105,6 +105,6 @@ def tile_grid(context: dg.AssetExecutionContext, data_root: DataRoot) -> dg.Mate
         "dates_per_tile": dg.MetadataValue.json(
             {str(k): int(v) for k, v in pd.Series(tiles["n_items"]).value_counts().sort_index().items()}),
         "path": dg.MetadataValue.path(str(out)),
-        "map": figure_md(footprints_map(list(tiles.geometry), region.bbox,
+        "map": figure_md(footprints_map(list(tiles.geometry), region.area(),
                                         f"{region.name}: tiles (blue train, orange val, red test)", colors)),
     })

@@ -164,3 +164,34 @@ def test_training_asset_through_pipes(data_root):
     assert summary["training"]["steps"] == 3 and summary["training"]["checkpoint"] == meta["checkpoint"].value
     stats = json.loads((data_root / "training" / "rs_stats.json").read_text())
     assert len(stats["mean"]) == len(stats["std"]) == 10 and all(v > 0 for v in stats["std"])
+
+
+@pytest.mark.slow
+def test_region_polygon_through_dg_launch(data_root, tmp_path):
+    """A region declared by a GeoJSON polygon: searched with intersects, tiles clipped to it (dg launch)."""
+    from shapely.geometry import Polygon, box
+
+    w, s, e, n = 13.141039, 55.672384, 13.238947, 55.727676  # sample-lund's bbox
+    mx, my = (w + e) / 2, (s + n) / 2
+    l_shape = Polygon([(w, s), (e, s), (e, my), (mx, my), (mx, n), (w, n)])  # without the NE quarter
+    (tmp_path / "lund-l.geojson").write_text(json.dumps({"type": "Feature", "properties": {},
+                                                         "geometry": l_shape.__geo_interface__}))
+    regions = tmp_path / "regions.yaml"
+    regions.write_text("regions:\n  lund-l:\n    geometry: lund-l.geojson\n"
+                       "    streetview: {kind: table, path: 'sample://streetview/sample-lund/points.parquet'}\n")
+    env = {**os.environ, "GAIR_REGIONS": str(regions), "GAIR_DATA_ROOT": str(data_root),
+           "DAGSTER_HOME": str(tmp_path / "home")}
+    (tmp_path / "home").mkdir()
+    proc = subprocess.run([str(Path(sys.executable).parent / "dg"), "launch", "--assets", "stac_items,tile_grid",
+                           "--partition", "lund-l"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tiles = gpd.read_parquet(data_root / "tiles" / "lund-l" / "tiles.parquet")
+    assert len(tiles) > 0 and tiles.geometry.intersects(l_shape).all()
+    # The same region as a bbox has more tiles: those wholly inside the notch.
+    from gair_model.data.stac_catalog import items_to_geodataframe, read_items
+    from gair_model.data.tile_grid import GridConfig, SplitConfig, build_tiles
+
+    items = items_to_geodataframe(read_items(data_root / "stac" / "lund-l"))
+    by_bbox = build_tiles(items, (w, s, e, n), GridConfig(kind="xyz", zoom=14, tile_px=96), SplitConfig(block_tiles=1))
+    dropped = by_bbox[~by_bbox.tile_id.isin(tiles.tile_id)]
+    assert set(tiles.tile_id) < set(by_bbox.tile_id) and dropped.geometry.within(box(mx, my, e + 1, n + 1)).all()
