@@ -1,6 +1,6 @@
 -- The pairs table as written (docs/DATA_CONTRACT.md), from `pairs_source`: the view `assigned`
--- (sql/pair_points.sql), so the points file is read once and only the sort holds rows, or a table of it when a
--- point had to choose between grids or a cap applies. run_info holds the region name.
+-- (sql/pair_points.sql) streamed into the sort (which holds the pairs, spilling beyond the memory limit), or
+-- a table of it when a point had to choose between grids or a cap applies. run_info holds the region name.
 -- Ordered by tile, then by the order of the points file, so re-runs write the same file. The sort is needed:
 -- DuckDB joins do not preserve insertion order (without it, rows come out in a different chunk order on every
 -- run), and grouping by tile lets the per-tile columns compress into runs.

@@ -7,8 +7,8 @@
 --         one row per regular grid present in `tiles` (an XYZ zoom, or one UTM zone), with its extent
 -- Output: a table tile_keys (one row per tile, tidx = its number) and a VIEW assigned: one row per
 -- (point, tile) where the point lies in the tile, with the point's columns, the tile's columns, and the
--- offset (x, y). It is a view, so the pairs are written in one streaming pass over the points
--- (sql/pair_output.sql reads it) and nothing of the size of the points is held in memory.
+-- offset (x, y). It is a view: nothing of the size of the points is materialised here; sql/pair_output.sql
+-- streams it into the sort that writes the pairs file (and the unpaired list reads it once more).
 -- With one grid a point has at most one row; with several (overlapping UTM zones) it can have one per grid,
 -- and sql/pair_one_tile_per_point.sql keeps one.
 --
@@ -19,15 +19,18 @@
 -- corner), so a point on a shared edge or corner belongs to exactly one tile. Values within 1e-9 tile units
 -- of a grid line are snapped onto it, so float round-off cannot push an edge point across.
 -- The exact check is made once per tile, not per point: tile_keys.off_grid is how far (in tile units) a tile's
--- stored bounds lie from its grid cell, and gair_model/data/pairing.py refuses tiles off their grid. A point
--- whose cell is a tile therefore lies inside that tile's stored bounds.
+-- stored bounds lie from its grid cell (NULL when a bound is missing), and gair_model/data/pairing.py refuses
+-- tiles off their grid and two tiles on one cell. A point whose cell is a tile therefore lies inside that
+-- tile's stored bounds.
 
 CREATE OR REPLACE TEMP MACRO snap(v) AS CASE WHEN abs(v - round(v)) < 1e-9 THEN round(v) ELSE v END;
 -- One BIGINT per (grid, column, row): tile indices up to +-2^24 per axis (XYZ zoom <= 23, UTM tiles >= 1 m).
 CREATE OR REPLACE TEMP MACRO tile_key(g, ix, iy) AS g * 1125899906842624 + (ix + 16777216) * 33554432 + (iy + 16777216);
 CREATE OR REPLACE TEMP TABLE tile_keys AS
 SELECT row_number() OVER (ORDER BY tile_id) AS tidx, tile_key(grid_id, ix, iy) AS k,
-       greatest(abs(fx0 - ix), abs(fy0 - iy), abs(w - 1), abs(h - 1)) AS off_grid,
+       -- greatest() skips NULLs: a missing bound must make the whole deviation NULL (refused), not smaller.
+       CASE WHEN fx0 IS NULL OR fy0 IS NULL OR w IS NULL OR h IS NULL THEN NULL
+            ELSE greatest(abs(fx0 - ix), abs(fy0 - iy), abs(w - 1), abs(h - 1)) END AS off_grid,
        tile_id, grid, tile_crs, tile_minx, tile_miny, tile_maxx, tile_maxy, tile_width, tile_height,
        lon_min, lat_max, lon_max, lat_min, item_ids, collection, split
 FROM (

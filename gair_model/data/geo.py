@@ -55,16 +55,18 @@ def check_region_geometry(geojson: dict) -> shapely.Geometry:
     if not isinstance(geojson, dict) or "type" not in geojson:
         raise ValueError(f"region geometry must be a GeoJSON object with a 'type', got {type(geojson).__name__}")
     kind = geojson["type"]
+    features = {"FeatureCollection": geojson.get("features") or [], "Feature": [geojson]}.get(kind)
+    if features is not None and any(not isinstance(f, dict) or not f.get("geometry") for f in features):
+        raise ValueError("region geometry has a Feature without a geometry")
     try:
-        if kind == "FeatureCollection":
-            parts = [shapely.geometry.shape(f["geometry"]) for f in geojson.get("features", [])]
-            geom = shapely.union_all(parts) if parts else shapely.Polygon()
-        elif kind == "Feature":
-            geom = shapely.geometry.shape(geojson["geometry"])
-        else:
-            geom = shapely.geometry.shape(geojson)
-    except (KeyError, TypeError, ValueError, shapely.errors.GEOSException) as exc:
-        raise ValueError(f"region geometry is not valid GeoJSON: {exc}") from exc
+        parts = [shapely.geometry.shape(f["geometry"]) for f in features] if features is not None else [
+            shapely.geometry.shape(geojson)]
+    except (AttributeError, KeyError, TypeError, ValueError, shapely.errors.GEOSException) as exc:
+        raise ValueError(f"region geometry is not valid GeoJSON: {exc!r}") from exc
+    for part in parts:  # before the union, which would silently repair an invalid part
+        if not part.is_valid:
+            raise ValueError(f"region geometry is invalid: {shapely.is_valid_reason(part)}")
+    geom = parts[0] if len(parts) == 1 else shapely.union_all(parts) if parts else shapely.Polygon()
     if geom.is_empty:
         raise ValueError("region geometry is empty")
     if geom.geom_type not in ("Polygon", "MultiPolygon"):

@@ -136,9 +136,15 @@ def prepare_pairing(con: duckdb.DuckDBPyConnection, points_path: str | Path, til
     off = con.execute("SELECT tile_id, off_grid FROM tile_keys WHERE NOT coalesce(off_grid <= ?, false) "
                       "ORDER BY tile_id", [OFF_GRID_TOLERANCE]).fetchall()
     if off:
-        shown = ", ".join(f"{tid} ({dev:.2g} tile units)" for tid, dev in off[:5])
+        shown = ", ".join(f"{tid} ({'a bound is missing' if dev is None else f'{dev:.2g} tile units'})"
+                          for tid, dev in off[:5])
         raise ValueError(f"{len(off)} tile(s) in {tiles_path} do not lie on a regular grid (bounds off their grid "
-                         f"cell by more than {OFF_GRID_TOLERANCE} tile units): {shown}")
+                         f"cell by more than {OFF_GRID_TOLERANCE} tile units, or missing): {shown}")
+    same_cell = con.execute("SELECT list(tile_id ORDER BY tile_id) FROM tile_keys GROUP BY k HAVING count(*) > 1 "
+                            "ORDER BY 1").fetchall()
+    if same_cell:
+        raise ValueError(f"{len(same_cell)} grid cell(s) in {tiles_path} hold more than one tile (a point would be "
+                         f"paired twice): {'; '.join(', '.join(ids) for (ids,) in same_cell[:5])}")
     return len(grids)
 
 
@@ -165,10 +171,10 @@ def pair_points(points_path: str | Path, tiles_path: str | Path, out_path: str |
                 con: duckdb.DuckDBPyConnection | None = None, region: str | None = None) -> PairingResult:
     """Pair every point with the one tile that contains it; write GeoParquet atomically.
 
-    With one grid and no cap the points file is read once and the pairs go through DuckDB's sort (by tile, then
-    input order) into the file; a choice between grids or a cap needs the assigned rows in a table first. The
-    same inputs give the same file. Nothing is visible at ``out_path`` / ``unpaired_path`` until both are
-    complete.
+    With one grid and no cap the assignment is a view streamed through DuckDB's sort (by tile, then input
+    order) into the file; a choice between grids or a cap needs the assigned rows in a table first. The same
+    inputs give the same file. Both files are written under temporary names and renamed only once both are
+    complete, ``out_path`` last.
 
     Args:
         points_path: Parquet with ``sv_id, lon, lat, image_uri, heading, captured_at`` (validated points).
@@ -194,7 +200,7 @@ def pair_points(points_path: str | Path, tiles_path: str | Path, out_path: str |
         con.execute("CREATE OR REPLACE TEMP TABLE assigned_rows AS SELECT * FROM assigned")
         if n_grids > 1:
             run_sql(con, "pair_one_tile_per_point.sql")
-    pending: list[tuple[Path, Path]] = []  # (tmp, final): replaced only once every file is complete
+    pending: list[tuple[Path, Path]] = []  # (tmp, final), renamed in this order once all are complete
     try:
         if unpaired_path is not None:
             # Before the cap: a capped point lies in a tile, it is not unpaired.

@@ -7,6 +7,7 @@ so items can be written to disk, logs and metadata safely. Sign late, just befor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -81,8 +82,9 @@ class SearchParams:
         d["bbox"] = list(self.bbox) if self.bbox else None
         if self.intersects is not None:  # a summary: a detailed boundary would flood logs and metadata
             geom = self.area()
+            digest = hashlib.sha256(json.dumps(self.intersects, sort_keys=True).encode()).hexdigest()[:12]
             d["intersects"] = {"type": geom.geom_type, "vertices": int(shapely.get_num_coordinates(geom)),
-                               "bounds": [round(v, 6) for v in geom.bounds]}
+                               "bounds": [round(v, 6) for v in geom.bounds], "sha256": digest}
         return d
 
 

@@ -118,9 +118,13 @@ def build_tiles(items: gpd.GeoDataFrame, region, grid: GridConfig, split: SplitC
         (tx0, tx1), (ty1, ty0) = (xyz_tile_of(np.array([west, east]), np.array([north, south]), grid.zoom))
         cands = [(tx, ty) for tx in range(int(tx0), int(tx1) + 1) for ty in range(int(ty1), int(ty0) + 1)]
         polys = [box(*xyz_tile_lonlat_bounds(tx, ty, grid.zoom)) for tx, ty in cands]
+        # Only tiles of the region itself (a polygon region can be far smaller than its bbox).
+        keep = shapely.intersects(np.array(polys, dtype=object), region)
+        cands = [c for c, k in zip(cands, keep, strict=True) if k]
+        polys = [p for p, k in zip(polys, keep, strict=True) if k]
         assigned = _assign_items(polys, items, grid.items_per_tile)
         for (tx, ty), poly, ids in zip(cands, polys, assigned, strict=True):
-            if not ids or not poly.intersects(region):
+            if not ids:
                 continue
             lon0, lat0, lon1, lat1 = poly.bounds
             bx, by = tx // split.block_tiles, ty // split.block_tiles
@@ -130,9 +134,13 @@ def build_tiles(items: gpd.GeoDataFrame, region, grid: GridConfig, split: SplitC
     else:
         for epsg, group in items.groupby("epsg"):
             ug = UtmGrid(int(epsg), grid.tile_px, grid.resolution)
-            rx0, ry0, rx1, ry1 = reproject(region.segmentize(0.01), 4326, int(epsg)).bounds
+            region_utm = reproject(region.segmentize(0.01), 4326, int(epsg))
+            rx0, ry0, rx1, ry1 = region_utm.bounds
             (ix0, ix1), (iy0, iy1) = ug.tile_of(np.array([rx0, rx1]), np.array([ry1, ry0]))
             cands = [(ix, iy) for ix in range(int(ix0), int(ix1) + 1) for iy in range(int(iy0), int(iy1) + 1)]
+            # Drop cells far from a polygon region before reprojecting each (the exact test follows below).
+            near = region_utm.buffer(ug.tile_size / 8)
+            cands = [c for c in cands if near.intersects(box(*ug.bounds(*c)))]
             polys = [reproject(box(*ug.bounds(ix, iy)).segmentize(ug.tile_size / 8), int(epsg), 4326)
                      for ix, iy in cands]
             assigned = _assign_items(polys, group, grid.items_per_tile)

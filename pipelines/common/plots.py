@@ -31,8 +31,9 @@ def footprints_map(geoms, region, title: str, colors=None, points=None):
             ax.fill(x, y, alpha=0.25, color=c, lw=0)
             ax.plot(x, y, color=c, lw=0.6)
     outline = region if hasattr(region, "geom_type") else box(*region)
-    for i, part in enumerate(getattr(outline, "geoms", [outline])):
-        x, y = part.exterior.xy
+    rings = [r for part in getattr(outline, "geoms", [outline]) for r in (part.exterior, *part.interiors)]
+    for i, ring in enumerate(rings):
+        x, y = ring.xy
         ax.plot(x, y, "k--", lw=1, label="region" if i == 0 else None)
     if points is not None and len(points):
         ax.scatter(points[0], points[1], s=2, c="k", alpha=0.5, label="SV points")

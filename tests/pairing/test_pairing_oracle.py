@@ -193,6 +193,21 @@ def test_tile_off_its_grid_is_refused(tmp_path):
     assert not (tmp_path / "pairs.parquet").exists()
 
 
+def test_tile_with_a_missing_bound_or_sharing_a_cell_is_refused(tmp_path):
+    items = _items((box(13.0, 55.6, 13.4, 55.8), 32633))
+    tiles = build_tiles(items, (13.15, 55.68, 13.25, 55.72), GridConfig(kind="xyz", zoom=14, tile_px=96), SplitConfig())
+    pts = _points(np.array([13.2]), np.array([55.7]))
+    for column in ("tile_maxx", "tile_miny", "tile_minx"):  # greatest() would skip a NULL: must still be refused
+        broken = tiles.copy()
+        broken.loc[1, column] = None
+        with pytest.raises(ValueError, match=f"{broken.tile_id.iloc[1]} \\(a bound is missing\\)"):
+            _run(tmp_path, pts, broken)
+    twin = pd.concat([tiles, tiles.iloc[[2]].assign(tile_id="twin")], ignore_index=True)
+    with pytest.raises(ValueError, match=f"1 grid cell.*more than one tile.*twin, {tiles.tile_id.iloc[2]}"):
+        _run(tmp_path, pts, twin)
+    assert not (tmp_path / "pairs.parquet").exists()
+
+
 def test_spill_folder_is_per_process_not_the_working_directory():
     setting = connect().execute("SELECT current_setting('temp_directory')").fetchone()[0]
     assert Path(setting).parent == Path(tempfile.gettempdir()) and setting != ".tmp"

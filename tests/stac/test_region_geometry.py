@@ -54,8 +54,10 @@ def test_region_geometry_from_file_and_inline(tmp_path):
     params = two.search_params()
     assert params.bbox is None and shape(params.intersects).equals(two.area())
     # Described as a summary, not the full boundary.
-    assert params.describe()["intersects"] == {"type": "MultiPolygon", "vertices": 10,
-                                               "bounds": [9.0, 50.0, 9.3, 50.1]}
+    summary = params.describe()["intersects"]
+    assert {k: summary[k] for k in ("type", "vertices", "bounds")} == {"type": "MultiPolygon", "vertices": 10,
+                                                                     "bounds": [9.0, 50.0, 9.3, 50.1]}
+    assert len(summary["sha256"]) == 12  # tells two polygons with the same bounds apart
     # The search intersects the polygon, not its bbox: an item in the gap between the parts is not found.
     gap = {"type": "Feature", "id": "gap", "geometry": box(9.12, 50.02, 9.18, 50.08).__geo_interface__,
            "properties": {"datetime": "2022-01-01T00:00:00Z"}, "collection": "sentinel-2-l2a", "assets": {}}
@@ -72,6 +74,11 @@ def test_region_geometry_from_file_and_inline(tmp_path):
     ("    geometry: {type: Polygon, coordinates: [[[1, 48], [200, 48], [2, 49], [1, 48]]]}\n", "out of range"),
     ("    geometry: {type: Polygon, coordinates: [[[0, 0], [1, 1], [1, 0], [0, 1], [0, 0]]]}\n", "invalid: Self-int"),
     ("    geometry: [1, 2]\n", "GeoJSON object"),
+    ("    geometry: {type: Feature, geometry: null, properties: {}}\n", "Feature without a geometry"),
+    ("    geometry: {type: FeatureCollection, features: [{type: Feature, properties: {},\n"
+     "               geometry: {type: Polygon, coordinates: [[[0, 0], [1, 1], [1, 0], [0, 1], [0, 0]]]}},\n"
+     "               {type: Feature, properties: {}, geometry: {type: Polygon, coordinates: [[[5, 5], [6, 5], [6, 6],\n"
+     "               [5, 5]]]}}]}\n", "invalid: Self-int"),
 ])
 def test_bad_region_geometry_is_rejected(tmp_path, region, message):
     (tmp_path / "regions.yaml").write_text(f"regions:\n  x:\n{region}    streetview: {{kind: table, path: p.csv}}\n")
