@@ -5,7 +5,7 @@ peak memory (VmHWM) is measured, with the pipeline's DuckDB memory_limit (``DEFA
 The sjoin baseline is timed on the same points (already in memory) against the same tile polygons.
 Two DuckDB figures are reported:
 
-- the assignment (``assign_points``: read the points Parquet, grid arithmetic, check against the tile bounds,
+- the assignment (``assign_points``: read the points Parquet, grid arithmetic, lookup of the tile by its cell,
   a table of (point, tile, x, y)): what ``sjoin`` computes, and the figure the target applies to;
 - the whole pipeline step (``pair_points`` as the ``pairs`` asset calls it: the assignment, then the 28-column
   pairs GeoParquet sorted by tile, and ``unpaired.parquet``).

@@ -87,7 +87,7 @@ def _merge(defaults: dict, region: dict) -> dict:
     return out
 
 
-def _region_geometry(name: str, raw: Any, base: Path) -> dict:
+def _region_geometry(name: str, raw: Any, base: Path) -> shapely.Geometry:
     """The region's polygon from inline GeoJSON or a GeoJSON file (relative to the regions file)."""
     if isinstance(raw, str):
         path = Path(raw) if Path(raw).is_absolute() else (base / raw).resolve()
@@ -98,7 +98,7 @@ def _region_geometry(name: str, raw: Any, base: Path) -> dict:
         except json.JSONDecodeError as exc:
             raise ValueError(f"region {name!r}: geometry file {path} is not JSON: {exc}") from exc
     try:
-        return mapping(check_region_geometry(raw))
+        return check_region_geometry(raw)
     except ValueError as exc:
         raise ValueError(f"region {name!r}: {exc}") from exc
 
@@ -107,7 +107,7 @@ def _region(name: str, raw: dict[str, Any], base: Path) -> RegionConfig:
     if ("bbox" in raw) == ("geometry" in raw):
         raise ValueError(f"region {name!r}: give exactly one of 'bbox' ([west, south, east, north]) or 'geometry' "
                          f"(a GeoJSON Polygon/MultiPolygon, inline or a file path)")
-    geometry = _region_geometry(name, raw["geometry"], base) if "geometry" in raw else None
+    polygon = _region_geometry(name, raw["geometry"], base) if "geometry" in raw else None
     sv = raw.get("streetview")
     if not sv or "path" not in sv:
         raise ValueError(f"region {name!r}: 'streetview: {{kind, path}}' is required")
@@ -116,7 +116,7 @@ def _region(name: str, raw: dict[str, Any], base: Path) -> RegionConfig:
     cap = raw.get("max_points_per_tile")
     return RegionConfig(
         name=name,
-        bbox=check_bbox(raw["bbox"]) if geometry is None else shapely.geometry.shape(geometry).bounds,
+        bbox=check_bbox(raw["bbox"]) if polygon is None else polygon.bounds,
         collections=tuple(raw.get("collections", ["sentinel-2-l2a"])),
         datetime=raw.get("datetime"),
         max_cloud_cover=raw.get("max_cloud_cover"),
@@ -127,7 +127,7 @@ def _region(name: str, raw: dict[str, Any], base: Path) -> RegionConfig:
         max_points_per_tile=int(cap) if cap is not None else None,
         description=raw.get("description", ""),
         base_dir=base,
-        geometry=geometry,
+        geometry=mapping(polygon) if polygon is not None else None,
     )
 
 

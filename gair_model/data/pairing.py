@@ -196,6 +196,7 @@ def pair_points(points_path: str | Path, tiles_path: str | Path, out_path: str |
     n_grids = prepare_pairing(con, points_path, tiles_path, region)
     n_points = int(con.execute("SELECT count(*) FROM points").fetchone()[0])
     materialise = n_grids > 1 or max_points_per_tile is not None
+    source = "assigned_rows" if materialise else "assigned"  # what the unpaired list and the pairs read
     if materialise:
         con.execute("CREATE OR REPLACE TEMP TABLE assigned_rows AS SELECT * FROM assigned")
         if n_grids > 1:
@@ -206,20 +207,19 @@ def pair_points(points_path: str | Path, tiles_path: str | Path, out_path: str |
             # Before the cap: a capped point lies in a tile, it is not unpaired.
             unpaired_path = Path(unpaired_path)
             pending.append((_tmp_path(unpaired_path), unpaired_path))
-            con.execute(f"COPY (SELECT p.* EXCLUDE (pidx) FROM points p ANTI JOIN "
-                        f"(SELECT pidx FROM {'assigned_rows' if materialise else 'assigned'}) USING (pidx) "
-                        f"ORDER BY p.pidx) TO '{_q(pending[-1][0])}' (FORMAT parquet)")
+            con.execute(f"COPY (SELECT p.* EXCLUDE (pidx) FROM points p ANTI JOIN (SELECT pidx FROM {source}) "
+                        f"USING (pidx) ORDER BY p.pidx) TO '{_q(pending[-1][0])}' (FORMAT parquet)")
         one_per_point = None
         if materialise:
             one_per_point = int(con.execute("SELECT count(*) FROM assigned_rows").fetchone()[0])
             if max_points_per_tile is not None:
                 run_sql(con, "pair_cap_per_tile.sql", {"max_points_per_tile": int(max_points_per_tile)})
-        con.execute(f"CREATE OR REPLACE TEMP VIEW pairs_source AS SELECT * FROM "
-                    f"{'assigned_rows' if materialise else 'assigned'}")
-        pending.append((_tmp_path(out_path), out_path))
-        paired = int(con.execute(f"COPY ({_strip_comments(read_sql('pair_output.sql'))}) TO '{_q(pending[-1][0])}' "
+        con.execute(f"CREATE OR REPLACE TEMP VIEW pairs_source AS SELECT * FROM {source}")
+        tmp_pairs = _tmp_path(out_path)
+        pending.append((tmp_pairs, out_path))
+        paired = int(con.execute(f"COPY ({_strip_comments(read_sql('pair_output.sql'))}) TO '{_q(tmp_pairs)}' "
                                  f"(FORMAT parquet, COMPRESSION zstd)").fetchone()[0])
-        n_tiles = int(con.execute(f"SELECT count(DISTINCT tile_id) FROM read_parquet('{_q(pending[-1][0])}')")
+        n_tiles = int(con.execute(f"SELECT count(DISTINCT tile_id) FROM read_parquet('{_q(tmp_pairs)}')")
                       .fetchone()[0])
         for tmp, final in pending:
             os.replace(tmp, final)

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import shapely  # noqa: E402
 from shapely.geometry import box  # noqa: E402
 
 
@@ -30,7 +31,7 @@ def footprints_map(geoms, region, title: str, colors=None, points=None):
             c = colors[i] if colors is not None else "tab:blue"
             ax.fill(x, y, alpha=0.25, color=c, lw=0)
             ax.plot(x, y, color=c, lw=0.6)
-    outline = region if hasattr(region, "geom_type") else box(*region)
+    outline = region if isinstance(region, shapely.Geometry) else box(*region)
     rings = [r for part in getattr(outline, "geoms", [outline]) for r in (part.exterior, *part.interiors)]
     for i, ring in enumerate(rings):
         x, y = ring.xy
