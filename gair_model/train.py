@@ -15,10 +15,15 @@ seed ``seed + epoch`` (the loader mixes in rank and worker). Resume (``--resume 
 optimiser, scheduler, RNG and queue state and either replays the data stream up to the checkpoint
 (``--resume-data skip``, exact) or starts a fresh random stream (``--resume-data reseed``, cheap).
 
-Outputs in ``--out-dir``: ``config.json``, ``metrics.csv`` (one row per optimiser step), ``checkpoints/``
-(``step_XXXXXXXX.safetensors`` + ``step_XXXXXXXX.state.pt`` + ``latest.json``), ``summary.json`` and, if the
-``tensorboard`` package is installed, ``tb/``. Every ``--log-every`` steps rank 0 prints one line
-``GAIR_METRICS {json}``; at the end ``GAIR_SUMMARY {json}``.
+Validation (``--val-every N``, off by default): every N optimiser steps and at the end, the loss terms on the
+first ``--val-batches`` batches of the ``--val-splits`` (default ``val``; never ``test`` unless forced), without
+changing the training state; see :mod:`gair_model.validation`.
+
+Outputs in ``--out-dir``: ``config.json``, ``metrics.csv`` (one row per optimiser step), ``val_metrics.csv``
+(one row per validation), ``checkpoints/`` (``step_XXXXXXXX.safetensors`` + ``step_XXXXXXXX.state.pt`` +
+``latest.json``), ``summary.json`` and, if the ``tensorboard`` package is installed, ``tb/``. Every
+``--log-every`` steps rank 0 prints one line ``GAIR_METRICS {json}``, after each validation ``GAIR_VAL {json}``;
+at the end ``GAIR_SUMMARY {json}``.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from gair_model.losses import CoordinateQueue
 from gair_model.models.encoders import RSEncoder, SVEncoder
 from gair_model.models.gair import PRESETS, GAIRConfig, GAIRModel, preset
 from gair_model.optim import build_optimizer, build_scheduler, scaled_lr
+from gair_model.validation import build_validator, check_val_splits
 
 log = logging.getLogger("gair_model.train")
 
@@ -102,6 +108,12 @@ class TrainConfig:
     rs_stats: str | None = None
     sv_aug: bool = True
     rs_aug: bool = True
+    # validation
+    val_every: int = 0
+    val_splits: list[str] | None = field(default_factory=lambda: ["val"])
+    val_batches: int = 20
+    val_batch_size: int | None = None
+    val_allow_test: bool = False
     # schedule
     batch_size: int = 32
     accum_steps: int = 1
@@ -171,6 +183,11 @@ _HELP = {
     "splits": "keep only these splits ('none' for all)",
     "epoch_samples": "samples per epoch over all ranks (default: n_samples of shards.json)",
     "rs_stats": "JSON file {mean: [...], std: [...]} with per-band RS statistics",
+    "val_every": "validate every N optimiser steps and at the end (0: no validation)",
+    "val_splits": "splits read by validation (default val; 'test' is refused unless --val-allow-test true)",
+    "val_batches": "batches per validation (the first ones of one unshuffled pass: the same samples every time)",
+    "val_batch_size": "samples per validation batch (default: --batch-size)",
+    "val_allow_test": "allow the test split in --val-splits (it then no longer is a held-out test set)",
     "batch_size": "samples per rank per micro-step",
     "accum_steps": "gradient accumulation micro-steps per optimiser step",
     "steps": "total optimiser steps (else --epochs x steps per epoch)",
@@ -257,9 +274,12 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         raise ValueError(f"unknown config keys: {sorted(unknown)}")
     if isinstance(values.get("shards"), str):
         values["shards"] = [values["shards"]]
-    if values.get("splits") is not None and [s.lower() for s in values["splits"]] == ["none"]:
-        values["splits"] = None
+    for key in ("splits", "val_splits"):
+        if values.get(key) is not None and [s.lower() for s in values[key]] == ["none"]:
+            values[key] = None
     cfg = TrainConfig(**values)
+    if cfg.val_every > 0:
+        check_val_splits(cfg.val_splits, allow_test=cfg.val_allow_test)
     if not cfg.shards:
         raise ValueError("--shards is required")
     if cfg.resume_data not in ("skip", "reseed"):
@@ -672,6 +692,9 @@ def _train(
         )
         csv_fh, writer = _metrics_writer(out_dir / "metrics.csv", start_step)
         tb = _tensorboard(out_dir / "tb")
+    validator = build_validator(cfg, model, queue, shard_paths, rs_stats=rs_stats, device=device, out_dir=out_dir,
+                                is_main=info.is_main, world_size=info.world_size, start_step=start_step,
+                                autocast=lambda: _autocast(cfg, device), tb=tb)
 
     def train_state(step: int) -> dict[str, Any]:
         rngs = gdist.all_gather_object(ckpt.rng_state())
@@ -777,6 +800,10 @@ def _train(
             line = dict(row, samples_per_s=round(interval_samples / max(now - interval_t0, 1e-9), 3))
             print(METRICS_PREFIX + json.dumps(line), flush=True)
             interval_t0, interval_samples = now, 0
+        if validator.due(step):
+            t_val = time.time()
+            validator.run(step)
+            interval_t0 += time.time() - t_val  # keep validation out of the logged training throughput
 
         out_of_time = budget_s is not None and (time.time() - t_start) > budget_s
         if gdist.any_rank(out_of_time, device) and step < plan.total_steps:
@@ -788,6 +815,7 @@ def _train(
 
     if last_saved != step:
         save(step)
+    validator.finish(step)
     stream.close()
     checksums = gdist.all_gather_object(param_checksum(model))
     wall = time.time() - t_start
@@ -814,6 +842,7 @@ def _train(
         "wall_seconds": round(wall, 3),
         "param_checksums": checksums,
         "ranks_in_sync": len(set(checksums)) == 1,
+        **validator.summary(),
     }
     if info.is_main:
         csv_fh.close()

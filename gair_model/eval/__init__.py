@@ -1,0 +1,1 @@
+"""Evaluation of trained GAIR models: geo-alignment benchmark, downstream probes, reports (no Dagster)."""

@@ -1,0 +1,257 @@
+"""Load a trained GAIR model (or the same architecture with random weights) and embed shard sets for evaluation.
+
+A training run's folder (``--out-dir`` of :mod:`gair_model.train`) holds ``config.json`` (the train and model
+configuration, including the ``rs_stats`` file used for the RS normalisation) and ``checkpoints/`` with
+safetensors weights whose header carries the model configuration. :func:`load_trained` accepts the run folder,
+the checkpoint folder, ``latest.json`` or a ``.safetensors`` file. :func:`random_model` builds the same
+architecture with random weights: the "untrained" baseline of every evaluation.
+
+:func:`iter_eval_batches` reads shards in a fixed order, without augmentation (the evaluation view of the one
+loader), and :func:`embed_shards` returns every embedding the model produces for those samples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from gair_model import checkpoint as ckpt
+from gair_model.data.loader import build_loader, resolve_shards
+from gair_model.models.gair import GAIRConfig, GAIRModel
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint or run folder cannot be turned into a model (missing file, no model configuration)."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for evaluation and where it came from.
+
+    Attributes:
+        model: The model, in eval mode.
+        config: Its configuration.
+        checkpoint: The safetensors file it was loaded from (``None``: random weights).
+        step: The optimiser step of the checkpoint, when known.
+        rs_stats: Per-band RS statistics used in training (``{"mean", "std"}``), or ``None`` (loader defaults).
+        label: Short name for reports (``trained``, ``random``, ...).
+        train_config: The trainer configuration of the run, when known.
+    """
+
+    model: GAIRModel
+    config: GAIRConfig
+    checkpoint: str | None = None
+    step: int | None = None
+    rs_stats: dict[str, list[float]] | None = None
+    label: str = "trained"
+    train_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        """The device the model's parameters are on."""
+        return next(self.model.parameters()).device
+
+
+def _checkpoint_record(path: Path) -> tuple[Path, Path | None]:
+    """``(safetensors file, run folder or None)`` for a run folder, checkpoint folder, latest.json or file."""
+    if path.is_dir():
+        ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        rec = ckpt.find_latest(ckpt_dir)
+        if rec is None:
+            raise ModelLoadError(f"{path}: no checkpoint found (expected checkpoints/latest.json or "
+                                 "step_*.safetensors)")
+        model_path = Path(rec["model"])
+    elif path.name == ckpt.LATEST:
+        try:
+            model_path = Path(json.loads(path.read_text())["model"])
+        except (ValueError, KeyError) as exn:
+            raise ModelLoadError(f"{path}: not a checkpoint record ({exn})") from None
+    elif path.suffix == ".safetensors":
+        model_path = path
+    else:
+        raise ModelLoadError(f"{path}: give a training run folder, a checkpoint folder, latest.json or .safetensors")
+    if not model_path.is_file():
+        raise ModelLoadError(f"checkpoint file missing: {model_path}")
+    run_dir = model_path.parent.parent if model_path.parent.name == "checkpoints" else None
+    return model_path, run_dir
+
+
+def read_checkpoint_config(model_path: str | Path) -> tuple[GAIRConfig, int | None]:
+    """The model configuration (and step) stored in a GAIR checkpoint's safetensors header."""
+    with safe_open(str(model_path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    if "model_config" not in meta:
+        raise ModelLoadError(f"{model_path}: no model_config in the safetensors header (not a GAIR checkpoint?)")
+    step = int(meta["step"]) if meta.get("step", "").isdigit() else None
+    return GAIRConfig.from_dict(json.loads(meta["model_config"])), step
+
+
+def load_trained(path: str | Path, *, device: str | torch.device = "cpu",
+                 rs_stats: dict[str, list[float]] | None = None) -> LoadedModel:
+    """Load a trained GAIR model for evaluation.
+
+    Args:
+        path: Run folder, checkpoint folder, ``latest.json`` or ``.safetensors`` file.
+        device: Where to put the model.
+        rs_stats: RS band statistics; default: the ``rs_stats`` file named in the run's ``config.json``.
+
+    Returns:
+        The model in eval mode with its provenance.
+
+    Raises:
+        ModelLoadError: When no checkpoint or model configuration can be found.
+    """
+    model_path, run_dir = _checkpoint_record(Path(path))
+    config, step = read_checkpoint_config(model_path)
+    train_cfg: dict[str, Any] = {}
+    if run_dir is not None and (run_dir / "config.json").is_file():
+        train_cfg = json.loads((run_dir / "config.json").read_text()).get("train", {})
+    if rs_stats is None and train_cfg.get("rs_stats"):
+        stats_path = Path(train_cfg["rs_stats"])
+        if stats_path.is_file():
+            rs_stats = json.loads(stats_path.read_text())
+    # Local weight files named in the config were already folded into the checkpoint.
+    config.rs_weights = config.sv_weights = None
+    model = GAIRModel(config)
+    ckpt.load_model(model, model_path)
+    model.to(device).eval()
+    return LoadedModel(model, config, str(model_path.resolve()), step, rs_stats, "trained", train_cfg)
+
+
+def random_model(config: GAIRConfig, *, seed: int = 0, device: str | torch.device = "cpu",
+                 rs_stats: dict[str, list[float]] | None = None) -> LoadedModel:
+    """The same architecture with random weights (seeded): the untrained baseline."""
+    config = GAIRConfig.from_dict(config.to_dict())
+    config.rs_weights = config.sv_weights = None
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = GAIRModel(config)
+    model.to(device).eval()
+    return LoadedModel(model, config, None, None, rs_stats, "random", {})
+
+
+def iter_eval_batches(loaded: LoadedModel, shards: str | os.PathLike[str] | Sequence[str], *,
+                      splits: Sequence[str] | None = ("test",), batch_size: int = 64) -> Iterator[dict[str, Any]]:
+    """Batches of a shard set in a fixed order, without augmentation, sized for ``loaded``'s encoders.
+
+    Args:
+        loaded: The model whose input sizes and RS statistics apply.
+        shards: Shard specification (see :func:`gair_model.data.loader.resolve_shards`).
+        splits: Keep only these splits (``None``: all).
+        batch_size: Samples per batch (the last batch may be smaller).
+
+    Yields:
+        Loader batches (``rs``, ``sv``, ``lonlat``, ``rel_xy``, ``key``, ``meta``).
+    """
+    cfg = loaded.config
+    spec = str(shards) if isinstance(shards, str | os.PathLike) else [str(s) for s in shards]
+    loader = build_loader(resolve_shards(spec),
+                          batch_size=batch_size, rs_size=cfg.rs_img_size, sv_size=cfg.sv_img_size,
+                          rs_bands=cfg.rs_bands, resampled=False, shuffle_buffer=0, num_workers=0,
+                          splits=tuple(splits) if splits is not None else None, rs_stats=loaded.rs_stats)
+    yield from loader
+
+
+@dataclass
+class ShardEmbeddings:
+    """Every embedding of a set of samples (row ``i`` of each array is sample ``i``).
+
+    Attributes:
+        keys: Sample keys.
+        meta: Sample JSON records.
+        lonlat: ``N x 2`` (lon, lat) degrees.
+        rel_xy: ``N x 2`` position inside the tile, from the top-left, in [0, 1].
+        sv: ``N x E`` projected SV embeddings.
+        rs_local: ``N x E`` localised RS embeddings at the SV position.
+        rs_global: ``N x D`` mean-token RS embeddings.
+        loc: ``N x E`` location embeddings.
+        rs_grid: ``N x D x Hg x Wg`` token grids (only when asked for).
+    """
+
+    keys: list[str]
+    meta: list[dict[str, Any]]
+    lonlat: np.ndarray
+    rel_xy: np.ndarray
+    sv: np.ndarray
+    rs_local: np.ndarray
+    rs_global: np.ndarray
+    loc: np.ndarray
+    rs_grid: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@torch.no_grad()
+def embed_batch(loaded: LoadedModel, batch: dict[str, Any], *, keep_grid: bool = False) -> dict[str, torch.Tensor]:
+    """Embed one loader batch: ``sv``, ``rs_local``, ``rs_global``, ``loc`` (and ``rs_grid``), on the CPU."""
+    model, device = loaded.model, loaded.device
+    rs_out = model.encode_rs(batch["rs"].to(device), batch["rel_xy"].to(device))
+    out = {
+        "sv": model.encode_sv(batch["sv"].to(device)),
+        "rs_local": rs_out["rs_local"],
+        "rs_global": rs_out["rs_global"],
+        "loc": model.encode_location(batch["lonlat"].to(device, torch.float64)),
+    }
+    if keep_grid:
+        out["rs_grid"] = rs_out["rs_grid"]
+    return {k: v.float().cpu() for k, v in out.items()}
+
+
+def embed_shards(loaded: LoadedModel, shards: str | os.PathLike[str] | Sequence[str], *,
+                 splits: Sequence[str] | None = ("test",), batch_size: int = 64, keep_grid: bool = False,
+                 max_samples: int | None = None) -> ShardEmbeddings:
+    """Embed every sample of a shard set (in shard order) with ``loaded``.
+
+    Args:
+        loaded: The model.
+        shards: Shard specification.
+        splits: Keep only these splits (``None``: all).
+        batch_size: Samples per forward pass.
+        keep_grid: Also keep the RS token grids (needed for in-tile localisation).
+        max_samples: Stop after this many samples.
+
+    Returns:
+        The embeddings; empty arrays when no sample matched.
+    """
+    parts: dict[str, list[torch.Tensor]] = {}
+    keys: list[str] = []
+    meta: list[dict[str, Any]] = []
+    lonlat: list[torch.Tensor] = []
+    rel_xy: list[torch.Tensor] = []
+    for batch in iter_eval_batches(loaded, shards, splits=splits, batch_size=batch_size):
+        emb = embed_batch(loaded, batch, keep_grid=keep_grid)
+        for k, v in emb.items():
+            parts.setdefault(k, []).append(v)
+        keys += batch["key"]
+        meta += batch["meta"]
+        lonlat.append(batch["lonlat"].double())
+        rel_xy.append(batch["rel_xy"].double())
+        if max_samples is not None and len(keys) >= max_samples:
+            break
+    n = len(keys) if max_samples is None else min(len(keys), max_samples)
+    e, d = loaded.config.embed_dim, loaded.model.rs_encoder.embed_dim
+
+    def cat(name: str, width: int) -> np.ndarray:
+        if name not in parts:
+            return np.zeros((0, width), dtype=np.float32)
+        return torch.cat(parts[name])[:n].numpy()
+
+    grid = None
+    if keep_grid:
+        hg, wg = loaded.model.rs_encoder.grid_size
+        grid = torch.cat(parts["rs_grid"])[:n].numpy() if "rs_grid" in parts else np.zeros((0, d, hg, wg), np.float32)
+    return ShardEmbeddings(
+        keys=keys[:n], meta=meta[:n],
+        lonlat=torch.cat(lonlat)[:n].numpy() if lonlat else np.zeros((0, 2)),
+        rel_xy=torch.cat(rel_xy)[:n].numpy() if rel_xy else np.zeros((0, 2)),
+        sv=cat("sv", e), rs_local=cat("rs_local", e), rs_global=cat("rs_global", d), loc=cat("loc", e), rs_grid=grid,
+    )
