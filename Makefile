@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 export GAIR_DATA_ROOT ?= $(CURDIR)/gair_data
 export DAGSTER_HOME ?= $(GAIR_DATA_ROOT)/dagster_home
 
-.PHONY: install demo test test-fast dev bench lint sample clean
+.PHONY: install demo evaluate ablation test test-fast dev bench lint sample clean
 
 install: $(STAMP)
 
@@ -18,6 +18,14 @@ $(STAMP): pyproject.toml
 
 demo: install  ## run the main job for every region of config/regions.yaml (default: the synthetic sample)
 	$(BIN)/python -m pipelines.demo
+
+evaluate: install  ## re-run the evaluation of the trained checkpoint (after `make demo`)
+	$(BIN)/python -c "from pipelines.demo import prepare_dagster_home; from pathlib import Path; prepare_dagster_home(Path('$(GAIR_DATA_ROOT)'))"
+	$(BIN)/dg launch --job evaluate_model
+
+ablation: install  ## one tiny model per localiser at equal budget, benchmarked side by side (after `make demo`)
+	$(BIN)/python -c "from pipelines.demo import prepare_dagster_home; from pathlib import Path; prepare_dagster_home(Path('$(GAIR_DATA_ROOT)'))"
+	$(BIN)/dg launch --job ablate_localizers
 
 test: install  ## the whole suite, slow tests included (CI runs this)
 	$(BIN)/python -m pytest
@@ -33,6 +41,7 @@ bench: install  ## benchmarks; figures go to bench/results/*.json
 	$(BIN)/python bench/pairing_bench.py
 	$(BIN)/python bench/shards_bench.py
 	$(BIN)/python bench/train_cpu.py
+	$(BIN)/python bench/embed_bench.py
 
 lint: install
 	$(BIN)/ruff check .

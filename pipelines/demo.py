@@ -30,6 +30,23 @@ def prepare_dagster_home(root: Path) -> Path:
     return home
 
 
+def print_evaluation(path: Path) -> None:
+    """Headline figures of the evaluation report (model vs its best baseline), if the report exists."""
+    if not path.exists():
+        return
+    doc = json.loads(path.read_text())
+    print(f"\n== evaluation ({len(doc['results'])} results, {len(doc['skipped'])} tasks skipped): "
+          "model vs its best baseline")
+    for h in doc.get("headline", []):
+        value = "n/a" if h["value"] is None else f"{h['value']:.3f}"
+        base = "n/a" if h["best_baseline_value"] is None else f"{h['best_baseline_value']:.3f}"
+        verdict = {True: "better", False: "not better", None: "?"}[h["model_better"]]
+        print(f"  {h['task']:<34} {h['metric']:<15} model {value:>9}  {h['best_baseline']} {base:>9}  {verdict}")
+    for s in doc.get("skipped", []):
+        print(f"  skipped {s['task']}: {s['reason']}")
+    print(f"  written: {path.with_suffix('.md')}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; return the process exit status."""
     from pipelines.config import data_root
@@ -42,28 +59,23 @@ def main(argv: list[str] | None = None) -> int:
 
     regions = argv or sorted(REGIONS)
     instance = dg.DagsterInstance.get()
-    job = defs.resolve_job_def("build_dataset")
     quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-    t0 = time.perf_counter()
-    ok = True
-    for region in regions:
-        print(f"== build_dataset [{region}]", flush=True)
+
+    def run(job: str, title: str, partition: str | None = None) -> bool:
+        print(f"== {title}", flush=True)
         t = time.perf_counter()
-        result = job.execute_in_process(partition_key=region, instance=instance, raise_on_error=False,
-                                        run_config=quiet)
+        result = defs.resolve_job_def(job).execute_in_process(partition_key=partition, instance=instance,
+                                                              raise_on_error=False, run_config=quiet)
         print(f"   {'ok' if result.success else 'FAILED'} in {time.perf_counter() - t:.1f}s (run {result.run_id})")
-        ok &= result.success
+        return result.success
+
+    t0 = time.perf_counter()
+    ok = all([run("build_dataset", f"build_dataset [{region}]", region) for region in regions])
     if ok:
-        print("== train_model (tiny CPU configuration)", flush=True)
-        t = time.perf_counter()
-        train = defs.resolve_job_def("train_model").execute_in_process(instance=instance, raise_on_error=False,
-                                                                       run_config=quiet)
-        print(f"   {'ok' if train.success else 'FAILED'} in {time.perf_counter() - t:.1f}s (run {train.run_id})")
-        ok &= train.success
-    else:
-        summary_result = defs.resolve_job_def("run_summary_job").execute_in_process(
-            instance=instance, raise_on_error=False, run_config=quiet)
-        ok &= summary_result.success
+        ok = run("train_model", "train_model (tiny CPU configuration)") and run(
+            "evaluate_model", "evaluate_model (geo-alignment, downstream probes, embeddings, report)")
+    else:  # still write the summary of what did run; the exit status stays 1
+        run("run_summary_job", "run_summary_job")
     summary_path = data_root() / "reports" / "run_summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
@@ -86,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         if "training" in summary:
             tr = summary["training"]
             print(f"  training: steps={tr.get('steps')} final_loss={tr.get('final_loss')} "
+                  f"final_val_loss={tr.get('final_val_loss')} "
                   f"checkpoint={tr.get('checkpoint')}")
         print(f"  written: {summary_path}")
+    print_evaluation(data_root() / "reports" / "evaluation.json")
     return 0 if ok else 1
 
 

@@ -3,6 +3,15 @@
 
 import dagster as dg
 
+from pipelines.evaluation.ablation import localizer_ablation
+from pipelines.evaluation.assets import (
+    eval_alignment,
+    eval_location,
+    eval_remote_sensing,
+    eval_streetview,
+    evaluation_report,
+    gair_embeddings,
+)
 from pipelines.pairing.assets import pairs
 from pipelines.partitions import REGIONS
 from pipelines.reports.assets import run_summary
@@ -21,6 +30,23 @@ build_dataset_job = dg.define_asset_job(
 #: Trains on every region's shards (tiny CPU configuration by default), then rewrites the summary.
 train_job = dg.define_asset_job("train_model", selection=dg.AssetSelection.assets(gair_model_checkpoint, run_summary),
                                 description="Train GAIR on all complete shard sets, then update the run summary.")
+
+#: Evaluates the trained checkpoint: geo-alignment, every downstream family, embeddings, then the report.
+evaluate_job = dg.define_asset_job(
+    "evaluate_model",
+    selection=dg.AssetSelection.assets(eval_alignment, eval_location, eval_streetview, eval_remote_sensing,
+                                       gair_embeddings, evaluation_report),
+    description="Geo-alignment benchmark, downstream probes and embedding export for the trained checkpoint, then "
+                "reports/evaluation.md + evaluation.json.",
+)
+
+#: One model per localiser at equal budget, the alignment benchmark for each, then the report again.
+ablation_job = dg.define_asset_job(
+    "ablate_localizers",
+    selection=dg.AssetSelection.assets(localizer_ablation, evaluation_report),
+    description="Train one tiny model per localiser (nili, mean, centre, bilinear, bicubic) with the same data, "
+                "steps, seed and batch; benchmark each; add the side-by-side rows to the evaluation report.",
+)
 
 #: Rewrites reports/run_summary.json from what every stage last wrote.
 summary_job = dg.define_asset_job("run_summary_job", selection=dg.AssetSelection.assets(run_summary))

@@ -25,6 +25,10 @@ class TrainingConfig(dg.Config):
     lr: float | None = Field(default=3e-4, description="absolute lr; None = blr * effective batch / 256")
     blr: float = 1.5e-6
     warmup_steps: int | None = 5
+    val_every: int = Field(default=10, description="validate on the val split every N optimiser steps and at the "
+                           "end (0: no validation); the test split is never read")
+    val_batches: int = Field(default=10, description="batches (of batch_size) per validation: the same samples "
+                             "every time")
     nproc_per_node: int = Field(default=1, description="processes (GPUs) on this node; >1 uses torchrun")
     device: str = Field(default="auto", description="auto | cpu | cuda")
     precision: str = "auto"
@@ -52,7 +56,8 @@ def trainer_args(cfg: TrainingConfig, shard_list: list[str], out_dir: Path) -> l
     args = ["--shards", *shard_list, "--out-dir", str(out_dir), "--preset", cfg.preset, "--steps", str(cfg.steps),
             "--batch-size", str(cfg.batch_size), "--accum-steps", str(cfg.accum_steps), "--blr", str(cfg.blr),
             "--device", cfg.device, "--precision", cfg.precision, "--num-workers", str(cfg.num_workers),
-            "--seed", str(cfg.seed), "--log-every", "5"]
+            "--seed", str(cfg.seed), "--log-every", "5",
+            "--val-every", str(cfg.val_every), "--val-batches", str(cfg.val_batches)]
     if cfg.lr is not None:
         args += ["--lr", str(cfg.lr)]
     if cfg.warmup_steps is not None:
@@ -93,6 +98,7 @@ def gair_model_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
     ).get_materialize_result()
     summary = json.loads((out_dir / "summary.json").read_text())
     report = data_root.stage_dir("reports") / "training_summary.json"
-    keep = ("status", "steps", "final_loss", "checkpoint", "device", "world_size", "samples_seen", "wall_seconds")
+    keep = ("status", "steps", "final_loss", "final_val_loss", "best_val_loss", "best_val_step", "checkpoint", "device",
+            "world_size", "samples_seen", "wall_seconds")
     report.write_text(json.dumps({k: summary.get(k) for k in keep}, indent=1, default=str))
     return result

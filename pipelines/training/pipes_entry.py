@@ -1,10 +1,11 @@
 """The external training process, launched by the training asset through Dagster Pipes.
 
 It runs ``python -m gair_model.train`` (one process) or ``torchrun --nproc_per_node=N -m gair_model.train``,
-forwards the trainer's progress lines to the Dagster log as they come, and at the end reports the
-materialization: final metrics, checkpoint path and a loss-curve plot. ``gair_model`` itself never imports
-Dagster; only this thin wrapper speaks Pipes. On a GPU cluster the same wrapper runs inside the job that the
-cluster's Pipes client launches (e.g. ``PipesK8sClient``), with ``nproc_per_node`` set to the GPUs per node.
+forwards the trainer's progress and validation lines to the Dagster log as they come, and at the end reports the
+materialization: final metrics (train and validation loss), checkpoint path and a loss-curve plot (train loss
+terms, validation loss as markers). ``gair_model`` itself never imports Dagster; only this thin wrapper speaks
+Pipes. On a GPU cluster the same wrapper runs inside the job that the cluster's Pipes client launches (e.g.
+``PipesK8sClient``), with ``nproc_per_node`` set to the GPUs per node.
 """
 
 import base64
@@ -19,6 +20,7 @@ from pathlib import Path
 from dagster_pipes import open_dagster_pipes
 
 METRICS_PREFIX = "GAIR_METRICS "
+VAL_PREFIX = "GAIR_VAL "
 
 
 def trainer_command(nproc: int, args: list[str]) -> list[str]:
@@ -29,8 +31,16 @@ def trainer_command(nproc: int, args: list[str]) -> list[str]:
     return [sys.executable, "-m", "gair_model.train", *args]
 
 
-def loss_curve_md(metrics_csv: Path) -> str | None:
-    """A PNG loss curve of ``metrics.csv`` as a markdown data URI."""
+def _read_val(val_csv: Path | None) -> tuple[list[int], list[float]]:
+    """``(steps, val_loss)`` of ``val_metrics.csv`` (empty when absent)."""
+    if val_csv is None or not val_csv.exists():
+        return [], []
+    rows = [r for r in csv.DictReader(val_csv.open()) if r.get("val_loss") not in (None, "")]
+    return [int(r["step"]) for r in rows], [float(r["val_loss"]) for r in rows]
+
+
+def loss_curve_md(metrics_csv: Path, val_csv: Path | None = None) -> str | None:
+    """A PNG loss curve of ``metrics.csv`` (and the validation loss of ``val_csv``) as a markdown data URI."""
     if not metrics_csv.exists():
         return None
     import matplotlib
@@ -47,10 +57,13 @@ def loss_curve_md(metrics_csv: Path) -> str | None:
         vals = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
         if len(vals) == len(steps):
             ax.plot(steps, vals, label=key, lw=1.5 if key == "loss" else 0.8)
+    val_steps, val_loss = _read_val(val_csv)
+    if val_steps:
+        ax.plot(val_steps, val_loss, "o--", color="black", ms=4, lw=1.0, label="val loss")
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("loss")
     ax.legend(fontsize=7)
-    ax.set_title("GAIR training loss", fontsize=9)
+    ax.set_title("GAIR training loss" + (" (train and val)" if val_steps else ""), fontsize=9)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
     plt.close(fig)
@@ -75,6 +88,10 @@ def main() -> int:
                 m = json.loads(line[len(METRICS_PREFIX):])
                 pipes.log.info("step {step} loss {loss:.4f} lr {lr:.2e} {samples_per_s:.1f} samples/s".format(
                     **{k: m.get(k, float("nan")) for k in ("step", "loss", "lr", "samples_per_s")}))
+            elif line.startswith(VAL_PREFIX):
+                v = json.loads(line[len(VAL_PREFIX):])
+                pipes.log.info("validation at step {step}: val loss {val_loss:.4f} on {n_samples} samples".format(
+                    **{k: v.get(k, float("nan")) for k in ("step", "val_loss", "n_samples")}))
             elif "Traceback" in line or "Error" in line:
                 pipes.log.warning(line)
         code = proc.wait()
@@ -89,7 +106,11 @@ def main() -> int:
             "summary": {"raw_value": summary, "type": "json"},
             "nproc_per_node": {"raw_value": nproc, "type": "int"},
         }
-        curve = loss_curve_md(out_dir / "metrics.csv")
+        if summary.get("final_val_loss") is not None:
+            metadata["final_val_loss"] = {"raw_value": float(summary["final_val_loss"]), "type": "float"}
+            metadata["best_val_loss"] = {"raw_value": float(summary["best_val_loss"]), "type": "float"}
+            metadata["best_val_step"] = {"raw_value": int(summary["best_val_step"]), "type": "int"}
+        curve = loss_curve_md(out_dir / "metrics.csv", out_dir / "val_metrics.csv")
         if curve:
             metadata["loss_curve"] = {"raw_value": curve, "type": "md"}
         pipes.report_asset_materialization(metadata=metadata)

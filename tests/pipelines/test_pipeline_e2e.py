@@ -32,7 +32,11 @@ def test_definitions_load():
     from pipelines.definitions import defs
 
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
-    assert {"stac_items", "tile_grid", "sv_points", "pairs", "run_summary"} <= keys
+    assert {"stac_items", "tile_grid", "sv_points", "pairs", "run_summary", "eval_alignment", "eval_location",
+            "eval_streetview", "eval_remote_sensing", "gair_embeddings", "evaluation_report",
+            "localizer_ablation"} <= keys
+    assert {j.name for j in defs.resolve_all_job_defs()} >= {"build_dataset", "train_model", "evaluate_model",
+                                                              "ablate_localizers"}
     job = defs.resolve_job_def("build_dataset")
     assert set(job.partitions_def.get_partition_keys()) == {"sample-lund", "sample-pontoise"}
     checks = {c.name for c in defs.resolve_asset_graph().asset_check_keys}
