@@ -47,7 +47,7 @@ lint: install
 	$(BIN)/ruff check .
 
 sample: install  ## (re)generate the synthetic sample region only
-	$(BIN)/python -m gair_model.data.sample_region --force
+	$(BIN)/python -m gair_dataset.sample_region --force
 
 clean:
 	rm -rf $(GAIR_DATA_ROOT) .pytest_cache

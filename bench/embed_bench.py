@@ -28,10 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import median_time, write_result  # noqa: E402
-from gair_model.data.synthetic_shards import write_synthetic_shards  # noqa: E402
 from gair_model.embed import export_point_embeddings, export_shard_embeddings  # noqa: E402
 from gair_model.eval.loading import embed_batch, iter_eval_batches, random_model  # noqa: E402
 from gair_model.models.gair import preset  # noqa: E402
+from tests.synthetic_shards import write_synthetic_shards  # noqa: E402
 
 
 def _rate(n: int, seconds: float) -> float:

@@ -29,7 +29,7 @@ from shapely.geometry import box
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import write_result  # noqa: E402
-from gair_model.data.geo import xyz_tile_id, xyz_tile_lonlat_bounds, xyz_tile_merc_bounds  # noqa: E402
+from gair_dataset.geo import xyz_tile_id, xyz_tile_lonlat_bounds, xyz_tile_merc_bounds  # noqa: E402
 
 ZOOM, TX0, TY0, SIDE = 14, 8790, 5120, 100  # 100 x 100 = 10,000 tiles near Lund
 
@@ -65,7 +65,7 @@ CHILD = """
 import json, sys, time
 from pathlib import Path
 from bench.common import peak_rss_mb
-from gair_model.data.pairing import DEFAULT_MEMORY_LIMIT, assign_points, connect, pair_points
+from gair_dataset.pairing import DEFAULT_MEMORY_LIMIT, assign_points, connect, pair_points
 mode, points, tiles, out = sys.argv[1:5]
 con = connect(memory_limit=DEFAULT_MEMORY_LIMIT)
 t = time.perf_counter()
@@ -86,7 +86,7 @@ def duckdb_run(mode: str, points: Path, tiles: Path, out: Path) -> dict:
 
 
 def baseline_rss_mb() -> float:
-    code = "from bench.common import peak_rss_mb; from gair_model.data.pairing import connect; connect(); " \
+    code = "from bench.common import peak_rss_mb; from gair_dataset.pairing import connect; connect(); " \
            "print(peak_rss_mb())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])

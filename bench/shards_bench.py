@@ -40,10 +40,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from rasterio.windows import Window  # noqa: E402
 
-from gair_model.data.bands import NAIP_BANDS, S2_L2A_ALL_BANDS, S2_L2A_BANDS  # noqa: E402
-from gair_model.data.chips import DEFAULT_GDAL_ENV, ChipReader, TileSpec, read_chip  # noqa: E402
-from gair_model.data.loader import IMAGENET_MEAN, IMAGENET_STD, build_loader  # noqa: E402
-from gair_model.data.shards import TAR_MTIME, ShardWriter, encode_json, encode_rs, sample_key  # noqa: E402
+from gair_dataset.bands import NAIP_BANDS, S2_L2A_ALL_BANDS, S2_L2A_BANDS  # noqa: E402
+from gair_dataset.chips import DEFAULT_GDAL_ENV, ChipReader, TileSpec, read_chip  # noqa: E402
+from gair_dataset.shards import TAR_MTIME, ShardWriter, encode_json, encode_rs, sample_key  # noqa: E402
+from gair_model.loader import IMAGENET_MEAN, IMAGENET_STD, build_loader  # noqa: E402
 
 SHARED = REPO / ".." / "shared" / "data"
 

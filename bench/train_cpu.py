@@ -33,8 +33,8 @@ RESULTS = REPO / "bench" / "results" / "train_cpu.json"
 
 
 def trainer_throughput(batch_size: int, steps: int, threads: int) -> dict:
-    from gair_model.data.synthetic_shards import write_synthetic_shards
     from gair_model.train import main as train_main
+    from tests.synthetic_shards import write_synthetic_shards
 
     with tempfile.TemporaryDirectory(prefix="gair_bench_") as tmp:
         shards = Path(tmp) / "shards"

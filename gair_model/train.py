@@ -1,6 +1,6 @@
 """GAIR trainer: ``python -m gair_model.train`` or ``torchrun --nproc_per_node=N -m gair_model.train``.
 
-Reads WebDataset shards through :func:`gair_model.data.loader.build_loader` (the only loader), trains
+Reads WebDataset shards through :func:`gair_model.loader.build_loader` (the only loader), trains
 :class:`gair_model.models.gair.GAIRModel` with DDP (gloo on CPU, nccl on GPU), bf16 autocast on GPU only, gradient
 accumulation, AdamW (0.9, 0.95) with ``lr = blr * effective_batch / 256`` and warm-up + cosine.
 
@@ -52,7 +52,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gair_model import checkpoint as ckpt
 from gair_model import distributed as gdist
-from gair_model.data.loader import resolve_shards
+from gair_model.loader import resolve_shards
 from gair_model.losses import CoordinateQueue
 from gair_model.models.encoders import RSEncoder, SVEncoder
 from gair_model.models.gair import PRESETS, GAIRConfig, GAIRModel, preset
@@ -493,7 +493,7 @@ class _BatchStream:
         self.seed_offset = 0
 
     def make_loader(self, seed: int, epoch_samples: int | None) -> Any:
-        from gair_model.data.loader import build_loader
+        from gair_model.loader import build_loader
 
         cfg, mcfg = self.cfg, self.mcfg
         return build_loader(

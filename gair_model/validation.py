@@ -307,7 +307,7 @@ def build_validator(cfg: Any, model: nn.Module, queue: CoordinateQueue, shard_pa
     Raises:
         ValueError: If the validation splits include the test split without ``cfg.val_allow_test``.
     """
-    from gair_model.data.loader import build_loader
+    from gair_model.loader import build_loader
 
     mcfg = cfg.model_config()
     splits = tuple(cfg.val_splits) if cfg.val_splits is not None else None

@@ -11,9 +11,9 @@ import shapely
 import yaml
 from shapely.geometry import box, mapping
 
-from gair_model.data.geo import check_bbox, check_region_geometry
-from gair_model.data.stac_catalog import SearchParams
-from gair_model.data.tile_grid import GridConfig, SplitConfig
+from gair_dataset.geo import check_bbox, check_region_geometry
+from gair_dataset.stac_catalog import SearchParams
+from gair_dataset.tile_grid import GridConfig, SplitConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REGIONS_FILE = REPO_ROOT / "config" / "regions.yaml"

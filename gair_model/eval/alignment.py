@@ -42,8 +42,8 @@ from pyproj import Geod
 from torch import nn
 from torch.nn import functional as F
 
-from gair_model.data.loader import resolve_shards
 from gair_model.eval.loading import LoadedModel, ShardEmbeddings, embed_shards
+from gair_model.loader import resolve_shards
 from gair_model.models.nili import NILI, GridSampleLocalizer, rel_xy_to_query
 
 #: Ring edges of the offset-robustness bins: distance of the SV from the tile centre, in tile fractions.
@@ -629,7 +629,7 @@ def benchmark_alignment(loaded: LoadedModel, shards: str | Sequence[str], *, spl
 
     Args:
         loaded: The model (trained or random).
-        shards: Shard specification (folder(s), glob, list; see :func:`gair_model.data.loader.resolve_shards`).
+        shards: Shard specification (folder(s), glob, list; see :func:`gair_model.loader.resolve_shards`).
         splits: Splits to evaluate (``None``: all samples).
         grid: Localisation positions per tile side.
         batch_size: Samples per forward pass (embedding and localisation).

@@ -18,9 +18,9 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from gair_model.data.loader import IMAGENET_MEAN, IMAGENET_STD
 from gair_model.eval.alignment import AlignmentResult
 from gair_model.eval.loading import LoadedModel, iter_eval_batches
+from gair_model.loader import IMAGENET_MEAN, IMAGENET_STD
 
 #: Sentinel-2 bands shown as red, green, blue.
 RGB_BANDS = ("B04", "B03", "B02")

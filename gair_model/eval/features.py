@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gair_model.data.loader import IMAGENET_MEAN, IMAGENET_STD, decode_sv
 from gair_model.eval.geoclip_baseline import GeoCLIPLocation, geoclip_embed
 from gair_model.eval.loading import LoadedModel
 from gair_model.eval.tasks import TaskData
+from gair_model.loader import IMAGENET_MEAN, IMAGENET_STD, decode_sv
 
 Log = Callable[[str], None] | None
 

@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 
 from gair_model import checkpoint as ckpt
-from gair_model.data.loader import build_loader, resolve_shards
+from gair_model.loader import build_loader, resolve_shards
 from gair_model.models.gair import GAIRConfig, GAIRModel
 
 
@@ -144,7 +144,7 @@ def iter_eval_batches(loaded: LoadedModel, shards: str | os.PathLike[str] | Sequ
 
     Args:
         loaded: The model whose input sizes and RS statistics apply.
-        shards: Shard specification (see :func:`gair_model.data.loader.resolve_shards`).
+        shards: Shard specification (see :func:`gair_model.loader.resolve_shards`).
         splits: Keep only these splits (``None``: all).
         batch_size: Samples per batch (the last batch may be smaller).
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from gair_model.data.geo import xyz_tile_lonlat_bounds
-from gair_model.data.synthetic_shards import write_synthetic_shards
+from gair_dataset.geo import xyz_tile_lonlat_bounds
 from gair_model.eval import alignment_plots as plots
 from gair_model.eval.alignment import (
     RING_EDGES,
@@ -30,6 +29,7 @@ from gair_model.eval.alignment import (
 from gair_model.eval.loading import random_model
 from gair_model.models.gair import preset
 from gair_model.models.nili import NILI, GridSampleLocalizer, rel_xy_to_query
+from tests.synthetic_shards import write_synthetic_shards
 
 # ------------------------------------------------------------------------------------------------
 # in-tile localisation

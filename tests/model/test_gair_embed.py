@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import gair_model.embed as embed_mod
+from gair_dataset.pairing import connect
 from gair_model import checkpoint as ckpt
-from gair_model.data.pairing import connect
-from gair_model.data.synthetic_shards import write_synthetic_shards
 from gair_model.embed import export_point_embeddings, export_shard_embeddings, main
 from gair_model.eval.loading import embed_shards, load_trained, random_model
 from gair_model.models.gair import preset
+from tests.synthetic_shards import write_synthetic_shards
 
 torch.set_num_threads(1)
 N_SAMPLES = 40  # 10 tiles: 8 train, 1 val, 1 test (4 samples each)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gair_model.data.synthetic_shards import write_synthetic_shards
 from gair_model.train import METRICS_PREFIX, SUMMARY_PREFIX, main, parse_config
+from tests.synthetic_shards import write_synthetic_shards
 
 torch.set_num_threads(1)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gair_model.data.synthetic_shards import write_synthetic_shards
+from tests.synthetic_shards import write_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 24

@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import gair_model.data.loader as loader_mod
-from gair_model.data.synthetic_shards import write_synthetic_shards
+import gair_model.loader as loader_mod
 from gair_model.losses import CoordinateQueue
 from gair_model.models.gair import GAIRModel
 from gair_model.train import SUMMARY_PREFIX, main, parse_config
 from gair_model.validation import VAL_CSV_FIELDS, VAL_PREFIX, Validator, build_validator
+from tests.synthetic_shards import write_synthetic_shards
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[2]
@@ -85,7 +85,7 @@ def test_validator_uses_fixed_batches_and_leaves_state_alone(shards, tmp_path, c
     queue = CoordinateQueue(16)
     queue.enqueue(torch.tensor([[0.01, -0.02], [0.05, 0.0], [0.1, -0.05]], dtype=torch.float64), gather=False)
     before = {k: v.clone() for k, v in queue.state_dict().items()}
-    from gair_model.data.loader import resolve_shards
+    from gair_model.loader import resolve_shards
 
     val = build_validator(cfg, model, queue, resolve_shards(str(shards)), rs_stats=None,
                           device=torch.device("cpu"), out_dir=tmp_path, is_main=True, world_size=1, start_step=0)

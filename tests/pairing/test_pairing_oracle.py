@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from shapely.geometry import box
 
-from gair_model.data.geo import transformer, xyz_tile_lonlat_bounds, xyz_tile_of
-from gair_model.data.pairing import assign_points, connect, pair_points
-from gair_model.data.tile_grid import GridConfig, SplitConfig, build_tiles
+from gair_dataset.geo import transformer, xyz_tile_lonlat_bounds, xyz_tile_of
+from gair_dataset.pairing import assign_points, connect, pair_points
+from gair_dataset.tile_grid import GridConfig, SplitConfig, build_tiles
 
 
 def _items(*footprints):

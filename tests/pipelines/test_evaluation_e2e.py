@@ -96,7 +96,7 @@ def test_evaluate_job_reports_every_task_with_baselines(trained_root, tmp_path):
     emb_path = root / "embeddings" / "sample-pontoise.parquet"
     gdf = gpd.read_parquet(emb_path)
     assert len(gdf) == len(manifest) and gdf.crs.to_epsg() == 4326
-    from gair_model.data.pairing import connect
+    from gair_dataset.pairing import connect
 
     con = connect()
     n = con.execute(f"SELECT count(*) FROM read_parquet('{emb_path}') WHERE ST_X(geometry) = lon").fetchone()[0]
@@ -105,8 +105,8 @@ def test_evaluate_job_reports_every_task_with_baselines(trained_root, tmp_path):
 
 def test_one_family_reruns_alone_and_a_bad_registry_fails_clearly(trained_root, tmp_path):
     from pipelines.common.storage import DataRoot
-    from pipelines.evaluation.assets import eval_location, eval_remote_sensing, eval_streetview
-    from pipelines.evaluation.resources import EvalTasks
+    from pipelines.defs.evaluation.assets import eval_location, eval_remote_sensing, eval_streetview
+    from pipelines.defs.evaluation.resources import EvalTasks
 
     root, instance = trained_root
     resources = {"data_root": DataRoot(),

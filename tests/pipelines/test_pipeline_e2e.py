@@ -45,7 +45,7 @@ def test_definitions_load():
 
 
 def test_refresh_schedule_has_deterministic_run_keys():
-    from pipelines.jobs import dataset_refresh_schedule
+    from pipelines.defs.jobs import dataset_refresh_schedule
 
     when = datetime(2026, 11, 30, 3, 0, tzinfo=UTC)
     ctx = dg.build_schedule_context(scheduled_execution_time=when)
@@ -60,7 +60,7 @@ def test_refresh_schedule_has_deterministic_run_keys():
 def test_build_dataset_on_the_sample_region(data_root):
     from pipelines.common.storage import DataRoot
     from pipelines.definitions import defs
-    from pipelines.reports.assets import build_summary
+    from pipelines.defs.reports.assets import build_summary
 
     instance = dg.DagsterInstance.ephemeral()
     result = defs.resolve_job_def("build_dataset").execute_in_process(partition_key="sample-pontoise",
@@ -192,8 +192,8 @@ def test_region_polygon_through_dg_launch(data_root, tmp_path):
     tiles = gpd.read_parquet(data_root / "tiles" / "lund-l" / "tiles.parquet")
     assert len(tiles) > 0 and tiles.geometry.intersects(l_shape).all()
     # The same region as a bbox has more tiles: those wholly inside the notch.
-    from gair_model.data.stac_catalog import items_to_geodataframe, read_items
-    from gair_model.data.tile_grid import GridConfig, SplitConfig, build_tiles
+    from gair_dataset.stac_catalog import items_to_geodataframe, read_items
+    from gair_dataset.tile_grid import GridConfig, SplitConfig, build_tiles
 
     items = items_to_geodataframe(read_items(data_root / "stac" / "lund-l"))
     by_bbox = build_tiles(items, (w, s, e, n), GridConfig(kind="xyz", zoom=14, tile_px=96), SplitConfig(block_tiles=1))

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from shapely.geometry import Polygon, box, shape
 
-from gair_model.data.geo import check_region_geometry
-from gair_model.data.stac_catalog import SearchParams, matches
-from gair_model.data.tile_grid import GridConfig, SplitConfig, build_tiles
+from gair_dataset.geo import check_region_geometry
+from gair_dataset.stac_catalog import SearchParams, matches
+from gair_dataset.tile_grid import GridConfig, SplitConfig, build_tiles
 from pipelines.config import load_regions
 
 # An L-shaped region near Lund: the north-east quarter of its bbox is not part of it.

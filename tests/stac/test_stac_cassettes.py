@@ -6,7 +6,7 @@ import pytest
 import vcr
 import yaml
 
-from gair_model.data.stac_catalog import PLANETARY_COMPUTER_URL, SearchParams, search_live
+from gair_dataset.stac_catalog import PLANETARY_COMPUTER_URL, SearchParams, search_live
 from tests.conftest import shared_path
 
 LANDING = "test_cli__TestCLISearch.test_item_search-inprocess.yaml"
@@ -113,7 +113,7 @@ def test_planetary_computer_signing_never_leaks(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("status", [500])
 def test_http_error_after_retries_is_a_clear_error(tmp_path, status):
-    from gair_model.data.stac_catalog import StacSearchError
+    from gair_dataset.stac_catalog import StacSearchError
 
     path, _ = _cassette(tmp_path, "test_item_search__TestItemSearch.test_result_paging.yaml")
     doc = yaml.safe_load(path.read_text())

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from gair_model.data.stac_catalog import (
+from gair_dataset.stac_catalog import (
     SearchParams,
     StacSearchError,
     item_epsg,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gair_model.data.stac_catalog import SearchParams, StacSearchError, search_live
+from gair_dataset.stac_catalog import SearchParams, StacSearchError, search_live
 from tests.conftest import shared_path
 
 

@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from gair_model.data.streetview_points import (
+from gair_dataset.streetview_points import (
     load_exif_folder,
     load_table,
     read_exif_point,

@@ -1,0 +1,274 @@
+"""Pairs street-view points with tiles in DuckDB (spatial extension loaded offline from its wheel).
+
+The SQL lives in ``sql/pair_points.sql``; this module prepares its inputs and writes GeoParquet.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from gair_dataset.geo import MERC_HALF
+
+log = logging.getLogger(__name__)
+
+SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
+#: DuckDB memory_limit used by the pipeline and the benchmark: keeps the pairing of 10M points under ~1.6 GB RSS
+#: (DuckDB spills its sort state to disk beyond it).
+DEFAULT_MEMORY_LIMIT = "1GB"
+#: How far (in tile units) a tile's stored bounds may lie from its grid cell; the pairing refuses tiles beyond it.
+OFF_GRID_TOLERANCE = 1e-6
+
+
+def spatial_extension_path() -> Path:
+    """Path of the DuckDB spatial extension binary shipped by ``duckdb-extension-spatial``."""
+    try:
+        root = resources.files("duckdb_extension_spatial") / "extensions"
+    except ModuleNotFoundError as exc:
+        raise RuntimeError("duckdb-extension-spatial is not installed (pip install -e .)") from exc
+    found = sorted(Path(str(root)).rglob("spatial.duckdb_extension"))
+    if not found:
+        raise RuntimeError(f"no spatial.duckdb_extension under {root}")
+    version_dir = f"v{duckdb.__version__}"
+    for path in found:
+        if path.parent.name == version_dir:
+            return path
+    raise RuntimeError(f"duckdb {duckdb.__version__} needs the matching duckdb-extension-spatial "
+                       f"(found {[p.parent.name for p in found]}); pin them to the same version")
+
+
+def connect(memory_limit: str | None = None, threads: int | None = None,
+            temp_directory: str | Path | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the spatial extension loaded (never downloaded).
+
+    Args:
+        memory_limit: DuckDB ``memory_limit`` (e.g. ``"1GB"``); beyond it sorts and tables spill to disk.
+        threads: DuckDB ``threads``; its default (all cores) when None.
+        temp_directory: where DuckDB spills; a folder of this process under the system temp dir when None
+            (DuckDB's own default is ``.tmp`` in the working directory, shared by concurrent runs).
+    """
+    if temp_directory is None:
+        temp_directory = Path(tempfile.gettempdir()) / f"gair-duckdb-{os.getpid()}"
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False,
+                                 "temp_directory": str(temp_directory)})
+    con.execute(f"LOAD '{spatial_extension_path()}'")
+    if memory_limit:
+        con.execute(f"SET memory_limit = '{memory_limit}'")
+    if threads:
+        con.execute(f"SET threads = {int(threads)}")
+    return con
+
+
+def read_sql(name: str) -> str:
+    """Text of ``sql/<name>``."""
+    path = SQL_DIR / name
+    if not path.exists():
+        raise FileNotFoundError(f"SQL file missing: {path}")
+    return path.read_text()
+
+
+def grids_table(tiles: pd.DataFrame, margin_deg: float = 0.05) -> pd.DataFrame:
+    """One row per regular grid present in the tiles (an XYZ zoom, or one UTM zone), with its extent."""
+    width = tiles["tile_maxx"] - tiles["tile_minx"]
+    tiles = tiles.assign(size_mm=(width * 1000).round(), size=width)
+    rows = []
+    for (grid, crs, _), g in tiles.groupby(["grid", "tile_crs", "size_mm"]):
+        origin = (-MERC_HALF, MERC_HALF) if grid == "xyz" else (0.0, 0.0)
+        # The exact size, not a rounded one: tile indices reach 2^zoom, so a size error adds up.
+        size = float(g["size"].iloc[0])
+        if grid == "xyz":
+            size = 2 * MERC_HALF / 2 ** round(math.log2(2 * MERC_HALF / size))
+        rows.append({"grid_id": len(rows), "grid": grid, "tile_crs": crs, "origin_x": origin[0],
+                     "origin_y": origin[1], "size": size, "lon_min": g["lon_min"].min() - margin_deg,
+                     "lat_min": g["lat_min"].min() - margin_deg, "lon_max": g["lon_max"].max() + margin_deg,
+                     "lat_max": g["lat_max"].max() + margin_deg})
+    if len({(r["grid"], r["tile_crs"]) for r in rows}) < len(rows):
+        raise ValueError("tiles of one CRS must share one tile size")
+    return pd.DataFrame(rows, columns=["grid_id", "grid", "tile_crs", "origin_x", "origin_y", "size", "lon_min",
+                                       "lat_min", "lon_max", "lat_max"])
+
+
+@dataclass
+class PairingResult:
+    """Counts from one pairing run."""
+
+    points: int
+    paired: int
+    outside: int
+    capped: int
+    tiles_with_points: int
+    seconds: float
+
+
+def prepare_pairing(con: duckdb.DuckDBPyConnection, points_path: str | Path, tiles_path: str | Path,
+                    region: str | None = None) -> int:
+    """Load the inputs and define the view ``assigned`` (``sql/pair_points.sql``) on ``con``.
+
+    Args:
+        con: a connection from :func:`connect`.
+        points_path: Parquet with ``sv_id, lon, lat, image_uri, heading, captured_at`` (validated points).
+        tiles_path: the tile grid GeoParquet (``docs/DATA_CONTRACT.md``).
+        region: the region (partition) name written in the ``region`` column.
+
+    Returns:
+        The number of regular grids among the tiles (more than one: a point may lie in tiles of two grids).
+    """
+    con.execute(f"CREATE OR REPLACE TEMP VIEW points AS SELECT file_row_number AS pidx, sv_id, lon, lat, image_uri, "
+                f"heading, captured_at FROM read_parquet('{_q(points_path)}', file_row_number = true)")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE tiles AS SELECT * FROM read_parquet('{_q(tiles_path)}')")
+    tiles_meta = con.execute("SELECT grid, tile_crs, tile_minx, tile_maxx, lon_min, lat_min, lon_max, lat_max "
+                             "FROM tiles").df()
+    grids = grids_table(tiles_meta)
+    con.register("grids_df", grids)
+    con.execute("CREATE OR REPLACE TEMP TABLE grids AS SELECT * FROM grids_df")
+    con.unregister("grids_df")
+    con.execute("CREATE OR REPLACE TEMP TABLE run_info AS SELECT CAST(? AS VARCHAR) AS region", [region])
+    run_sql(con, "pair_points.sql")
+    off = con.execute("SELECT tile_id, off_grid FROM tile_keys WHERE NOT coalesce(off_grid <= ?, false) "
+                      "ORDER BY tile_id", [OFF_GRID_TOLERANCE]).fetchall()
+    if off:
+        shown = ", ".join(f"{tid} ({'a bound is missing' if dev is None else f'{dev:.2g} tile units'})"
+                          for tid, dev in off[:5])
+        raise ValueError(f"{len(off)} tile(s) in {tiles_path} do not lie on a regular grid (bounds off their grid "
+                         f"cell by more than {OFF_GRID_TOLERANCE} tile units, or missing): {shown}")
+    same_cell = con.execute("SELECT list(tile_id ORDER BY tile_id) FROM tile_keys GROUP BY k HAVING count(*) > 1 "
+                            "ORDER BY 1").fetchall()
+    if same_cell:
+        raise ValueError(f"{len(same_cell)} grid cell(s) in {tiles_path} hold more than one tile (a point would be "
+                         f"paired twice): {'; '.join(', '.join(ids) for (ids,) in same_cell[:5])}")
+    return len(grids)
+
+
+def assign_points(points_path: str | Path, tiles_path: str | Path, *,
+                  con: duckdb.DuckDBPyConnection | None = None) -> int:
+    """The assignment alone: materialise ``assigned_rows(pidx, tidx, x, y)``, one row per paired point.
+
+    This is what a spatial join computes (no point or tile attributes, nothing written); the benchmark
+    compares it with geopandas ``sjoin``. :func:`pair_points` streams the same view into the pairs file.
+
+    Returns:
+        The number of paired points.
+    """
+    con = con or connect()
+    n_grids = prepare_pairing(con, points_path, tiles_path)
+    con.execute("CREATE OR REPLACE TEMP TABLE assigned_rows AS SELECT pidx, tidx, x, y FROM assigned")
+    if n_grids > 1:
+        run_sql(con, "pair_one_tile_per_point.sql")
+    return int(con.execute("SELECT count(*) FROM assigned_rows").fetchone()[0])
+
+
+def pair_points(points_path: str | Path, tiles_path: str | Path, out_path: str | Path, *,
+                max_points_per_tile: int | None = None, unpaired_path: str | Path | None = None,
+                con: duckdb.DuckDBPyConnection | None = None, region: str | None = None) -> PairingResult:
+    """Pair every point with the one tile that contains it; write GeoParquet atomically.
+
+    With one grid and no cap the assignment is a view streamed through DuckDB's sort (by tile, then input
+    order) into the file; a choice between grids or a cap needs the assigned rows in a table first. The same
+    inputs give the same file. Both files are written under temporary names and renamed only once both are
+    complete, ``out_path`` last.
+
+    Args:
+        points_path: Parquet with ``sv_id, lon, lat, image_uri, heading, captured_at`` (validated points).
+        tiles_path: the tile grid GeoParquet (``docs/DATA_CONTRACT.md``).
+        out_path: where the pairs GeoParquet goes.
+        max_points_per_tile: optional cap (a deterministic hash-ordered subset is kept).
+        unpaired_path: optional Parquet of the points that fell outside every tile.
+        con: an existing connection (from ``connect``); a new one otherwise.
+        region: the region (partition) name written in the ``region`` column.
+
+    Returns:
+        Counts of the run.
+    """
+    t0 = time.perf_counter()
+    if max_points_per_tile is not None and max_points_per_tile < 1:
+        raise ValueError("max_points_per_tile must be >= 1 or None")
+    con = con or connect()
+    out_path = Path(out_path)
+    n_grids = prepare_pairing(con, points_path, tiles_path, region)
+    n_points = int(con.execute("SELECT count(*) FROM points").fetchone()[0])
+    materialise = n_grids > 1 or max_points_per_tile is not None
+    source = "assigned_rows" if materialise else "assigned"  # what the unpaired list and the pairs read
+    if materialise:
+        con.execute("CREATE OR REPLACE TEMP TABLE assigned_rows AS SELECT * FROM assigned")
+        if n_grids > 1:
+            run_sql(con, "pair_one_tile_per_point.sql")
+    pending: list[tuple[Path, Path]] = []  # (tmp, final), renamed in this order once all are complete
+    try:
+        if unpaired_path is not None:
+            # Before the cap: a capped point lies in a tile, it is not unpaired.
+            unpaired_path = Path(unpaired_path)
+            pending.append((_tmp_path(unpaired_path), unpaired_path))
+            con.execute(f"COPY (SELECT p.* EXCLUDE (pidx) FROM points p ANTI JOIN (SELECT pidx FROM {source}) "
+                        f"USING (pidx) ORDER BY p.pidx) TO '{_q(pending[-1][0])}' (FORMAT parquet)")
+        one_per_point = None
+        if materialise:
+            one_per_point = int(con.execute("SELECT count(*) FROM assigned_rows").fetchone()[0])
+            if max_points_per_tile is not None:
+                run_sql(con, "pair_cap_per_tile.sql", {"max_points_per_tile": int(max_points_per_tile)})
+        con.execute(f"CREATE OR REPLACE TEMP VIEW pairs_source AS SELECT * FROM {source}")
+        tmp_pairs = _tmp_path(out_path)
+        pending.append((tmp_pairs, out_path))
+        paired = int(con.execute(f"COPY ({_strip_comments(read_sql('pair_output.sql'))}) TO '{_q(tmp_pairs)}' "
+                                 f"(FORMAT parquet, COMPRESSION zstd)").fetchone()[0])
+        n_tiles = int(con.execute(f"SELECT count(DISTINCT tile_id) FROM read_parquet('{_q(tmp_pairs)}')")
+                      .fetchone()[0])
+        for tmp, final in pending:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in pending:
+            tmp.unlink(missing_ok=True)
+    for name in ("pairs_source", "assigned"):
+        con.execute(f"DROP VIEW IF EXISTS {name}")
+    for name in ("assigned_rows", "tile_keys"):
+        con.execute(f"DROP TABLE IF EXISTS {name}")
+    if one_per_point is None:  # one grid: a point is in at most one tile
+        one_per_point = paired
+    return PairingResult(n_points, paired, n_points - one_per_point, one_per_point - paired, n_tiles,
+                         time.perf_counter() - t0)
+
+
+def _tmp_path(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def run_sql(con: duckdb.DuckDBPyConnection, name: str, params: dict | None = None) -> None:
+    """Execute every statement of ``sql/<name>`` (comments stripped), with named parameters."""
+    for statement in (s for s in _strip_comments(read_sql(name)).split(";") if s.strip()):
+        con.execute(statement, {k: v for k, v in (params or {}).items() if f"${k}" in statement} or None)
+
+
+def _q(path) -> str:
+    return str(path).replace("'", "''")
+
+
+def _strip_comments(sql: str) -> str:
+    return "\n".join(line for line in sql.splitlines() if not line.strip().startswith("--"))
+
+
+def offset_spread(pairs: pd.DataFrame, bins: int = 4) -> dict:
+    """How offsets spread over the tile: quantiles of x/y and the share of occupied ``bins x bins`` cells."""
+    if pairs.empty:
+        return {"n": 0}
+    cells = (pairs["x"] * bins).clip(upper=bins - 1).astype(int) * bins + (pairs["y"] * bins).clip(
+        upper=bins - 1).astype(int)
+    centre = ((pairs["x"] - 0.5).abs() < 0.05) & ((pairs["y"] - 0.5).abs() < 0.05)
+    return {
+        "n": int(len(pairs)),
+        "x_quantiles": [round(float(v), 4) for v in pairs["x"].quantile([0.05, 0.25, 0.5, 0.75, 0.95])],
+        "y_quantiles": [round(float(v), 4) for v in pairs["y"].quantile([0.05, 0.25, 0.5, 0.75, 0.95])],
+        "x_std": round(float(pairs["x"].std(ddof=0)), 4),
+        "y_std": round(float(pairs["y"].std(ddof=0)), 4),
+        "occupied_cells": f"{int(cells.nunique())}/{bins * bins}",
+        "share_near_centre": round(float(centre.mean()), 4),
+        "uniform_std": round(1 / math.sqrt(12), 4),
+    }

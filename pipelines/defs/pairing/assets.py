@@ -1,0 +1,101 @@
+"""Pairs: each SV point with the tile that contains it, at its true offset (DuckDB, sql/pair_points.sql)."""
+
+
+import dagster as dg
+import geopandas as gpd
+import pandas as pd
+
+from gair_dataset.pairing import offset_spread, pair_points
+from pipelines.common.plots import figure_md, offsets_hist
+from pipelines.common.storage import DataRoot
+from pipelines.defs.pairing.resources import DuckDBEngine
+from pipelines.defs.stac.assets import tile_grid
+from pipelines.defs.streetview.assets import sv_points
+from pipelines.partitions import region_of, region_partitions
+
+
+@dg.asset(partitions_def=region_partitions, group_name="pairing", deps=[tile_grid, sv_points],
+          kinds={"duckdb", "geoparquet"})
+def pairs(context: dg.AssetExecutionContext, duckdb_engine: DuckDBEngine,
+          data_root: DataRoot) -> dg.MaterializeResult:
+    """One row per SV point inside a tile: relative position (x, y), pixel row/col, tile bbox, split."""
+    region = region_of(context)
+    out_dir = data_root.stage_dir("pairs", region.name)
+    con = duckdb_engine.connect()
+    res = pair_points(data_root.stage_dir("streetview", region.name) / "points.parquet",
+                      data_root.stage_dir("tiles", region.name) / "tiles.parquet",
+                      out_dir / "pairs.parquet", max_points_per_tile=region.max_points_per_tile,
+                      unpaired_path=out_dir / "unpaired.parquet", con=con, region=region.name)
+    con.close()
+    if res.paired == 0:
+        raise dg.Failure(f"no street-view point of {region.name} falls inside a tile ({res.points} points, "
+                         f"{res.outside} outside every tile)")
+    df = pd.read_parquet(out_dir / "pairs.parquet", columns=["sv_id", "tile_id", "x", "y", "split"])
+    spread = offset_spread(df)
+    splits = {str(k): int(v) for k, v in df["split"].value_counts().items()}
+    stats = {"points": res.points, "paired": res.paired, "outside_every_tile": res.outside,
+             "capped": res.capped, "tiles_with_points": res.tiles_with_points, "splits": splits,
+             "offset_spread": spread, "seconds": round(res.seconds, 3)}
+    data_root.write_stats("pairs", region.name, stats)
+    if res.outside:
+        context.log.warning("%d of %d points are outside every tile (listed in unpaired.parquet)",
+                            res.outside, res.points)
+    context.log.info("paired %d points into %d tiles in %.2fs", res.paired, res.tiles_with_points, res.seconds)
+    return dg.MaterializeResult(metadata={
+        "num_pairs": res.paired,
+        "num_points": res.points,
+        "num_outside_every_tile": res.outside,
+        "num_capped": res.capped,
+        "tiles_with_points": res.tiles_with_points,
+        "splits": dg.MetadataValue.json(splits),
+        "offset_spread": dg.MetadataValue.json(spread),
+        "path": dg.MetadataValue.path(str(out_dir / "pairs.parquet")),
+        "offsets": figure_md(offsets_hist(df["x"], df["y"], f"{region.name}: x/y histograms")),
+    })
+
+
+def _pairs(data_root: DataRoot, region: str) -> gpd.GeoDataFrame:
+    return gpd.read_parquet(data_root.stage_dir("pairs", region) / "pairs.parquet")
+
+
+@dg.asset_check(asset=pairs, blocking=True, description="Every pair's point lies inside its tile's bbox")
+def pairs_inside_tile_bbox(context: dg.AssetCheckExecutionContext, data_root: DataRoot) -> dg.AssetCheckResult:
+    """Point within ``[lon_min, lon_max] x [lat_min, lat_max]`` of its tile (1e-9 degree tolerance)."""
+    df = _pairs(data_root, context.partition_key)
+    tol = 1e-9
+    bad = df[(df.lon < df.lon_min - tol) | (df.lon > df.lon_max + tol)
+             | (df.lat < df.lat_min - tol) | (df.lat > df.lat_max + tol)]
+    return dg.AssetCheckResult(passed=bad.empty, metadata={"num_outside": len(bad),
+                                                           "examples": bad["sv_id"].head(10).tolist()})
+
+
+@dg.asset_check(asset=pairs, blocking=True, description="No SV point is paired with two tiles")
+def no_point_in_two_tiles(context: dg.AssetCheckExecutionContext, data_root: DataRoot) -> dg.AssetCheckResult:
+    """Every ``sv_id`` appears once."""
+    df = pd.read_parquet(data_root.stage_dir("pairs", context.partition_key) / "pairs.parquet",
+                         columns=["sv_id"])
+    dups = df["sv_id"][df["sv_id"].duplicated()]
+    return dg.AssetCheckResult(passed=dups.empty, metadata={"num_duplicated": len(dups),
+                                                            "examples": dups.head(10).tolist()})
+
+
+@dg.asset_check(asset=pairs, blocking=True,
+                description="Offsets lie in [0, 1) and spread over the tile (not collapsed to the centre)")
+def offsets_in_range_and_spread(context: dg.AssetCheckExecutionContext,
+                                data_root: DataRoot) -> dg.AssetCheckResult:
+    """x, y in [0, 1); std of each at least 0.15 (uniform is 0.29) and at least 3/4 of 4x4 cells occupied.
+
+    The spread rules apply from 50 pairs on (fewer points cannot show a spread).
+    """
+    df = pd.read_parquet(data_root.stage_dir("pairs", context.partition_key) / "pairs.parquet",
+                         columns=["x", "y", "col", "row", "tile_width", "tile_height"])
+    in_range = bool(((df.x >= 0) & (df.x < 1) & (df.y >= 0) & (df.y < 1)).all()
+                    and ((df.col >= 0) & (df.col < df.tile_width) & (df.row >= 0) & (df.row < df.tile_height)).all())
+    spread = offset_spread(df)
+    spread_ok = True
+    if len(df) >= 50:
+        occupied = int(spread["occupied_cells"].split("/")[0])
+        spread_ok = spread["x_std"] >= 0.15 and spread["y_std"] >= 0.15 and occupied >= 12
+    return dg.AssetCheckResult(passed=in_range and spread_ok,
+                               metadata={"in_range": in_range, "spread_ok": spread_ok,
+                                         "spread": dg.MetadataValue.json(spread)})

@@ -1,0 +1,110 @@
+"""STAC discovery and the tile grid, per region partition."""
+
+
+import dagster as dg
+import geopandas as gpd
+import pandas as pd
+
+from gair_dataset.stac_catalog import (
+    StacSearchError,
+    items_to_geodataframe,
+    validate_items,
+    write_items,
+)
+from gair_dataset.tile_grid import build_tiles, tiles_summary
+from pipelines.common.plots import figure_md, footprints_map
+from pipelines.common.storage import DataRoot
+from pipelines.defs.stac.resources import StacCatalog
+from pipelines.partitions import region_of, region_partitions
+
+# Band assets a chip needs, per collection (items without them are rejected with a reason).
+REQUIRED_ASSETS = {
+    "sentinel-2-l2a": ["B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"],
+    "naip": ["image"],
+    "landsat-c2-l2": ["blue", "green", "red", "nir08", "swir16", "swir22"],
+}
+
+
+@dg.asset(partitions_def=region_partitions, group_name="stac", kinds={"stac", "geoparquet"})
+def stac_items(context: dg.AssetExecutionContext, stac: StacCatalog, data_root: DataRoot) -> dg.MaterializeResult:
+    """RS items found for the region (footprints as GeoParquet + unsigned item JSON)."""
+    region = region_of(context)
+    params = region.search_params()
+    context.log.info("searching %s: %s", stac.describe(), params.describe())
+    try:
+        items = stac.search(params)
+    except StacSearchError as exc:
+        raise dg.Failure(description=f"STAC search failed for region {region.name}: {exc}",
+                         metadata={"search": dg.MetadataValue.json(params.describe())}) from exc
+    required = sorted({a for c in params.collections for a in REQUIRED_ASSETS.get(c, [])})
+    ok, rejects = validate_items(items, required)
+    for r in rejects:
+        context.log.warning("item %s skipped: %s", r["item_id"], r["reason"])
+    if not ok:
+        raise dg.Failure(
+            description=(f"no usable item for region {region.name} ({len(items)} found, {len(rejects)} rejected) "
+                         f"in {stac.describe()} with {params.describe()}"),
+            metadata={"search": dg.MetadataValue.json(params.describe()),
+                      "rejects": dg.MetadataValue.json(rejects[:50])})
+    out = data_root.stage_dir("stac", region.name)
+    json_path, pq_path = write_items(ok, out)
+    gdf = items_to_geodataframe(ok)
+    stats = {"items": len(ok), "rejected": len(rejects), "synthetic": bool(gdf["synthetic"].any()),
+             "dates": sorted({d.date().isoformat() for d in gdf["datetime"]}),
+             "catalog": stac.describe()}
+    data_root.write_stats("stac", region.name, stats)
+    context.log.info("%d items kept, %d rejected", len(ok), len(rejects))
+    return dg.MaterializeResult(metadata={
+        "num_items": len(ok),
+        "num_rejected": len(rejects),
+        "rejects": dg.MetadataValue.json(rejects[:50]),
+        "search_params": dg.MetadataValue.json(params.describe()),
+        "catalog": stac.describe(),
+        "synthetic": stats["synthetic"],
+        "dates": ", ".join(stats["dates"]),
+        "cloud_cover_max": float(gdf["cloud_cover"].max()),
+        "items_table": dg.MetadataValue.md(gdf.drop(columns="geometry").head(20).to_markdown(index=False)),
+        "items_json": dg.MetadataValue.path(str(json_path)),
+        "items_parquet": dg.MetadataValue.path(str(pq_path)),
+        "footprints": figure_md(footprints_map(list(gdf.geometry), region.area(), f"{region.name}: item footprints")),
+    })
+
+
+@dg.asset_check(asset=stac_items, blocking=True, description="At least one usable item was found")
+def items_found(context: dg.AssetCheckExecutionContext, data_root: DataRoot) -> dg.AssetCheckResult:
+    """Fail when the region has no item (the asset would already have failed; this guards stale files)."""
+    stats = data_root.read_stats("stac", context.partition_key) or {}
+    n = int(stats.get("items", 0))
+    return dg.AssetCheckResult(passed=n > 0, metadata={"num_items": n})
+
+
+@dg.asset(partitions_def=region_partitions, group_name="stac", deps=[stac_items], kinds={"geoparquet"})
+def tile_grid(context: dg.AssetExecutionContext, data_root: DataRoot) -> dg.MaterializeResult:
+    """Tile footprints (XYZ or UTM pixel grid) covered by items, with their items and spatial split."""
+    region = region_of(context)
+    items = gpd.read_parquet(data_root.stage_dir("stac", region.name) / "items.parquet")
+    tiles = build_tiles(items, region.area(), region.grid, region.split)
+    if tiles.empty:
+        raise dg.Failure(f"no {region.grid.kind} tile of region {region.name} is fully covered by any of the "
+                         f"{len(items)} items; check the region, the zoom/tile size and the item footprints")
+    out = data_root.stage_dir("tiles", region.name) / "tiles.parquet"
+    tmp = out.with_name(".tiles.parquet.tmp")
+    tiles.to_parquet(tmp, index=False)
+    tmp.replace(out)
+    summary = tiles_summary(tiles)
+    data_root.write_stats("tiles", region.name, {**summary, "grid": region.grid.kind})
+    colors = tiles["split"].map({"train": "tab:blue", "val": "tab:orange", "test": "tab:red"}).tolist()
+    context.log.info("%d tiles (%s grid), splits %s", len(tiles), region.grid.kind, summary["splits"])
+    return dg.MaterializeResult(metadata={
+        "num_tiles": len(tiles),
+        "grid": dg.MetadataValue.json({"kind": region.grid.kind, "zoom": region.grid.zoom,
+                                       "tile_px": region.grid.tile_px, "resolution": region.grid.resolution,
+                                       "items_per_tile": region.grid.items_per_tile}),
+        "splits": dg.MetadataValue.json(summary["splits"]),
+        "items_per_tile_mean": summary["items_per_tile_mean"],
+        "dates_per_tile": dg.MetadataValue.json(
+            {str(k): int(v) for k, v in pd.Series(tiles["n_items"]).value_counts().sort_index().items()}),
+        "path": dg.MetadataValue.path(str(out)),
+        "map": figure_md(footprints_map(list(tiles.geometry), region.area(),
+                                        f"{region.name}: tiles (blue train, orange val, red test)", colors)),
+    })

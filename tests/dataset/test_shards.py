@@ -1,0 +1,207 @@
+"""Deterministic, atomic shard writing (gair_dataset.shards)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+
+from gair_dataset.shards import (
+    STAGING_DIRNAME,
+    TAR_MTIME,
+    Sample,
+    ShardWriteError,
+    ShardWriter,
+    encode_rs,
+    expected_shard_count,
+    list_shards,
+    read_shards_json,
+    sample_key,
+    write_shards,
+)
+from tests.synthetic_shards import write_synthetic_shards
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _samples(n: int, seed: int = 0) -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        tile, sv = f"t{i // 3:03d}", f"sv-{i:05d}"
+        meta = {"sv_id": sv, "tile_id": tile, "lon": 10 + i * 1e-3, "lat": 50.0, "x": 0.25, "y": 0.75,
+                "col": 1, "row": 3, "split": "train" if i % 5 else "val", "item_ids": ["itm"],
+                "bbox": [10.0, 50.1, 10.1, 50.0], "bands": ["B02", "B03"], "synthetic": True}
+        out.append(Sample(sample_key(tile, sv), rng.integers(0, 9000, (2, 8, 8), dtype=np.uint16),
+                          bytes(rng.integers(0, 255, 100 + i, dtype=np.uint8)), meta))
+    return out
+
+
+def _sha(p: str | Path) -> str:
+    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+
+def test_keys_are_dot_free() -> None:
+    assert sample_key("z14_8529_5974", "sv-01_a") == "z14_8529_5974_sv-01_a"
+    for tile, sv in (("t.1", "a"), ("t", "img.jpg"), ("", "a"), ("t", "a/b"), ("t", "ä")):
+        with pytest.raises(ShardWriteError):
+            sample_key(tile, sv)
+
+
+def test_byte_identical_reruns_and_layout(tmp_path: Path) -> None:
+    a = write_shards(_samples(25), tmp_path / "a", name="train", samples_per_shard=10)
+    b = write_shards(list(reversed(_samples(25))), tmp_path / "b", name="train", samples_per_shard=10,
+                     sort=True)
+    assert [Path(p).name for p in a.paths] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert [_sha(p) for p in a.paths] == [_sha(p) for p in b.paths]
+    assert [s.sha256 for s in a.shards] == [_sha(p) for p in a.paths]
+    assert read_shards_json(tmp_path / "a") == read_shards_json(tmp_path / "b")
+    doc = read_shards_json(tmp_path / "a")
+    assert [s["n_samples"] for s in doc["shards"]] == [10, 10, 5] and doc["n_samples"] == 25
+    assert [s["bytes"] for s in doc["shards"]] == [os.path.getsize(p) for p in a.paths]
+    assert list_shards(tmp_path / "a") == a.paths
+    assert not (tmp_path / "a" / STAGING_DIRNAME).exists()
+    with tarfile.open(a.paths[0]) as tf:
+        members = tf.getmembers()
+    first = _samples(1)[0].key
+    assert [m.name for m in members[:3]] == [f"{first}.{s}" for s in ("rs.npy", "sv.jpg", "json")]
+    meta = {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members}
+    assert meta == {(TAR_MTIME, 0, 0, "", "", 0o444)}
+
+
+def test_members_round_trip(tmp_path: Path) -> None:
+    samples = _samples(4)
+    info = write_shards(samples, tmp_path, samples_per_shard=100)
+    with tarfile.open(info.paths[0]) as tf:
+        data = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+    for s in samples:
+        arr = np.load(io.BytesIO(data[f"{s.key}.rs.npy"]), allow_pickle=False)
+        assert arr.dtype == np.uint16 and np.array_equal(arr, s.rs)
+        assert data[f"{s.key}.sv.jpg"] == s.sv_jpeg
+        assert json.loads(data[f"{s.key}.json"]) == s.meta
+
+
+def test_no_empty_shards_and_exact_multiples(tmp_path: Path) -> None:
+    empty = write_shards([], tmp_path / "e", samples_per_shard=10)
+    assert empty.paths == [] and list(Path(tmp_path / "e").glob("*.tar")) == []
+    assert read_shards_json(tmp_path / "e")["n_shards"] == 0
+    exact = write_shards(_samples(20), tmp_path / "x", samples_per_shard=10)
+    assert len(exact.paths) == 2 == expected_shard_count(20, 10)
+    assert all(s.n_samples == 10 for s in exact.shards)
+
+
+def test_order_and_dtype_contract(tmp_path: Path) -> None:
+    s = _samples(2)
+    with pytest.raises(ShardWriteError, match="increasing"):
+        write_shards([s[1], s[0]], tmp_path / "o")
+    with pytest.raises(ShardWriteError, match="increasing"):
+        write_shards([s[0], s[0]], tmp_path / "d")
+    with pytest.raises(ShardWriteError):
+        encode_rs(np.full((1, 2, 2), -1, np.int32))
+    with pytest.raises(ShardWriteError):
+        encode_rs(np.zeros((2, 2), np.uint16))
+    assert np.load(io.BytesIO(encode_rs(np.ones((1, 2, 2), np.uint8))), allow_pickle=False).dtype == np.uint16
+    # a failed run publishes nothing it had not completed and writes no manifest
+    assert not (tmp_path / "o" / "shards.json").exists()
+
+
+def test_rerun_replaces_stale_shards_and_manifest(tmp_path: Path) -> None:
+    write_shards(_samples(30), tmp_path, name="s", samples_per_shard=10)
+    assert len(list(tmp_path.glob("s-*.tar"))) == 3
+    info = write_shards(_samples(12), tmp_path, name="s", samples_per_shard=10)
+    assert sorted(p.name for p in tmp_path.glob("s-*.tar")) == ["s-000000.tar", "s-000001.tar"]
+    assert read_shards_json(tmp_path)["n_samples"] == 12 == info.n_samples
+
+
+def test_manifest_geoparquet(tmp_path: Path) -> None:
+    info = write_shards(_samples(7), tmp_path, name="m", samples_per_shard=3)
+    man = gpd.read_parquet(info.manifest_path)
+    assert len(man) == 7 and man.crs.to_epsg() == 4326
+    assert list(man["key"]) == sorted(man["key"])
+    assert {"key", "shard", "index_in_shard", "sv_id", "tile_id", "lon", "lat", "x", "y", "split",
+            "item_id", "lon_min", "rs_bands", "rs_height", "sv_bytes"} <= set(man.columns)
+    assert list(man["shard"]) == ["m-000000.tar"] * 3 + ["m-000001.tar"] * 3 + ["m-000002.tar"]
+    assert list(man["index_in_shard"]) == [0, 1, 2, 0, 1, 2, 0]
+    assert man.geometry.x.iloc[2] == pytest.approx(man["lon"].iloc[2])
+
+
+_KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from gair_dataset import shards as S
+    orig = S.ShardWriter.write_members
+    def slow(self, key, members):
+        orig(self, key, members)
+        time.sleep(float(sys.argv[3]))
+    S.ShardWriter.write_members = slow
+    from tests.synthetic_shards import write_synthetic_shards
+    write_synthetic_shards(sys.argv[1], int(sys.argv[2]), rs_size=16, sv_size=16,
+                           samples_per_shard=10, seed=5)
+    """
+)
+
+
+@pytest.mark.slow
+def test_sigkill_leaves_no_partial_shard_and_rerun_matches(tmp_path: Path) -> None:
+    ref = write_synthetic_shards(tmp_path / "ref", 50, rs_size=16, sv_size=16, samples_per_shard=10, seed=5)
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-c", _KILL_SCRIPT, str(out), "50", "0.02"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO)
+    deadline = time.monotonic() + 60
+    try:
+        while not (out / "synthetic-000001.tar").exists():  # at least two shards done, more pending
+            assert proc.poll() is None, "writer finished before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        time.sleep(0.05)  # now midway through the third shard
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    visible = sorted(out.glob("*.tar"))
+    assert 2 <= len(visible) < 5
+    assert not (out / "shards.json").exists() and not (out / "manifest.parquet").exists()
+    staged = list((out / STAGING_DIRNAME).glob("*.tar"))
+    assert staged, "the interrupted shard should be left in staging only"
+    ref_sha = {Path(p).name: _sha(p) for p in ref}
+    for p in visible:  # every visible shard is complete
+        assert _sha(p) == ref_sha[p.name]
+    rerun = write_synthetic_shards(out, 50, rs_size=16, sv_size=16, samples_per_shard=10, seed=5)
+    assert [_sha(p) for p in rerun] == [_sha(p) for p in ref]
+    assert not (out / STAGING_DIRNAME).exists()
+    assert read_shards_json(out) == read_shards_json(tmp_path / "ref")
+
+
+@pytest.mark.parametrize("key_len", [10, 93, 120])
+def test_tar_bytes_identical_to_tarfile(tmp_path: Path, key_len: int) -> None:
+    rng = np.random.default_rng(key_len)
+    members = []
+    with ShardWriter(tmp_path / "ours", name="x", samples_per_shard=100, manifest=False) as w:
+        for i in range(3):
+            key = f"k{i}".ljust(key_len, "a")
+            m = [("rs.npy", bytes(rng.integers(0, 255, 700 + 513 * i, dtype=np.uint8))),
+                 ("sv.jpg", bytes(rng.integers(0, 255, 512 * i + 1, dtype=np.uint8))), ("json", b"{}")]
+            w.write_members(key, m)
+            members += [(f"{key}.{s}", d) for s, d in m]
+    ref = tmp_path / "ref.tar"
+    with tarfile.open(ref, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = (
+                len(data), TAR_MTIME, 0o444, 0, 0, "", "")
+            tf.addfile(ti, io.BytesIO(data))
+    assert (tmp_path / "ours" / "x-000000.tar").read_bytes() == ref.read_bytes()
+    assert w.info.shards[0].sha256 == _sha(ref) and w.info.shards[0].bytes == ref.stat().st_size
