@@ -20,7 +20,7 @@ import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ def atomic_write(path: str | Path, writer: Callable[[str], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600: give the file the permissions a plain open() would
     try:
         writer(tmp)
         with open(tmp, "rb") as fh:
@@ -70,7 +73,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def unwrap(model: nn.Module) -> nn.Module:
     """The underlying module of a DDP / compiled wrapper."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
+        model = cast(nn.Module, getattr(model, "module", None) or model._orig_mod)
     return model
 
 
@@ -89,7 +92,9 @@ def load_model(model: nn.Module, path: str | Path, *, strict: bool = True) -> nn
 
 def rng_state() -> dict[str, Any]:
     """Python, NumPy, torch CPU (and CUDA when available) RNG states as tensors / plain containers."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    if not isinstance(np_state, tuple):  # only a non-MT19937 global generator gives a dict
+        raise TypeError(f"unexpected NumPy global RNG state: {type(np_state).__name__}")
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {

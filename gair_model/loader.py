@@ -46,7 +46,7 @@ import webdataset as wds
 from PIL import Image
 
 from gair_dataset.bands import default_stats
-from gair_dataset.contract import (  # noqa: F401  (decode_npy, SampleDecodeError: part of the loader API)
+from gair_dataset.contract import (  # decode_npy, SampleDecodeError: also part of the loader API
     JSON_MEMBER,
     MEMBER_SUFFIXES,
     RS_MEMBER,
@@ -137,7 +137,7 @@ def decode_sv(data: bytes, size: int, *, flip: bool = False) -> np.ndarray:
         ``H x W x 3`` uint8 RGB array.
     """
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
         if img.format == "JPEG":
             img.draft("RGB", (size, size))
         if img.mode != "RGB":
@@ -149,7 +149,7 @@ def decode_sv(data: bytes, size: int, *, flip: bool = False) -> np.ndarray:
         if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(img)
-    except Exception as exn:  # noqa: BLE001
+    except Exception as exn:
         raise SampleDecodeError(f"bad sv.jpg: {exn}") from exn
 
 
@@ -369,7 +369,7 @@ def build_dataset(shards: str | list[str], *, batch_size: int, rs_size: int, sv_
                   resampled: bool = True, shuffle_buffer: int = 1000, seed: int = 0,
                   splits: tuple[str, ...] | None = None, rs_stats: dict | None = None,
                   sv_train_aug: bool = False, rs_train_aug: bool = False,
-                  batches_per_worker: int | None = None) -> wds.WebDataset:
+                  batches_per_worker: int | None = None, split_by_node: bool = True) -> wds.WebDataset:
     """Build the batched WebDataset pipeline behind :func:`build_loader` (see there for arguments).
 
     Args:
@@ -386,6 +386,8 @@ def build_dataset(shards: str | list[str], *, batch_size: int, rs_size: int, sv_
         sv_train_aug: SV horizontal flip + colour jitter.
         rs_train_aug: RS brightness/contrast jitter (never geometry).
         batches_per_worker: If set, each worker yields exactly this many batches per epoch.
+        split_by_node: Give each distributed rank its own shards (training); ``False`` reads every shard
+            whatever ``RANK``/``WORLD_SIZE`` say (evaluation must see the whole set).
 
     Returns:
         A ``wds.WebDataset`` yielding collated batch dicts.
@@ -401,7 +403,7 @@ def build_dataset(shards: str | list[str], *, batch_size: int, rs_size: int, sv_
         # Resampling already randomises the shard stream; otherwise shuffle the shard list per epoch.
         shardshuffle=False if (resampled or not shuffle_on) else max(len(urls), 1),
         detshuffle=True,
-        nodesplitter=wds.split_by_node,
+        nodesplitter=wds.split_by_node if split_by_node else None,
         workersplitter=wds.split_by_worker,
         select_files=_select_member,
         empty_check=False,
@@ -428,7 +430,7 @@ def build_loader(shards: str | list[str], *, batch_size: int, rs_size: int, sv_s
                  resampled: bool = True, shuffle_buffer: int = 1000, num_workers: int = 0, seed: int = 0,
                  splits: tuple[str, ...] | None = None, epoch_samples: int | None = None,
                  rs_stats: dict | None = None, sv_train_aug: bool = False,
-                 rs_train_aug: bool = False) -> wds.WebLoader:
+                 rs_train_aug: bool = False, split_by_node: bool = True) -> wds.WebLoader:
     """Build the training/evaluation loader over GAIR WebDataset shards.
 
     Args:
@@ -449,6 +451,7 @@ def build_loader(shards: str | list[str], *, batch_size: int, rs_size: int, sv_s
             uses the documented Sentinel-2 L2A defaults selected by the samples' band names.
         sv_train_aug: SV horizontal flip + colour jitter.
         rs_train_aug: RS colour (brightness/contrast) jitter; never flips or rotations.
+        split_by_node: Split the shards between distributed ranks (``False`` for evaluation: every shard).
 
     Returns:
         A ``wds.WebLoader`` of batch dicts (``rs``, ``sv``, ``lonlat``, ``rel_xy``, ``key``,
@@ -465,6 +468,7 @@ def build_loader(shards: str | list[str], *, batch_size: int, rs_size: int, sv_s
         shards, batch_size=batch_size, rs_size=rs_size, sv_size=sv_size, rs_bands=rs_bands,
         resampled=resampled, shuffle_buffer=shuffle_buffer, seed=seed, splits=splits, rs_stats=rs_stats,
         sv_train_aug=sv_train_aug, rs_train_aug=rs_train_aug, batches_per_worker=per_worker,
+        split_by_node=split_by_node,
     )
     kw: dict[str, Any] = {}
     if num_workers > 0:
@@ -477,24 +481,30 @@ def build_loader(shards: str | list[str], *, batch_size: int, rs_size: int, sv_s
     return loader
 
 
-def compute_rs_stats(shards: str | list[str], *, max_samples: int = 2000,
-                     bands: int | None = None) -> dict[str, list[float]]:
+def compute_rs_stats(shards: str | list[str], *, max_samples: int = 2000, bands: int | None = None,
+                     splits: Sequence[str] | None = ("train",)) -> dict[str, list[float]]:
     """Per-band mean and std (DN) over the ``rs.npy`` members of some shards.
 
-    Use the result as ``rs_stats`` in :func:`build_loader`. Nodata pixels (0) are ignored.
+    Use the result as ``rs_stats`` in :func:`build_loader`. Nodata pixels (0) are ignored. Only samples of
+    ``splits`` count (the train split by default: statistics of held-out samples must not shape training).
 
     Args:
         shards: Shard specification (see :func:`resolve_shards`).
         max_samples: Stop after this many samples (shards are read in order).
         bands: Expected band count (checked) or None.
+        splits: Samples whose json ``split`` is one of these (``None``: every sample).
 
     Returns:
         ``{"mean": [...], "std": [...]}``.
     """
-    ds = wds.WebDataset(resolve_shards(shards), shardshuffle=False, nodesplitter=None,
-                        workersplitter=None, select_files=lambda f: f.endswith(".rs.npy"),
-                        handler=_skip_bad_sample, empty_check=False)
-    total = sq = cnt = None
+    wanted = set(splits) if splits is not None else None
+    ds = wds.WebDataset(resolve_shards(shards), shardshuffle=False, nodesplitter=None, workersplitter=None,
+                        select_files=lambda f: f.endswith((".rs.npy", ".json")), handler=_skip_bad_sample,
+                        empty_check=False)
+    if wanted is not None:
+        ds = ds.select(lambda raw: JSON_MEMBER in raw and json.loads(raw[JSON_MEMBER]).get("split") in wanted)
+    total: np.ndarray | None = None
+    sq = cnt = np.zeros(0)  # sized with ``total`` at the first sample
     for i, raw in enumerate(ds):
         if i >= max_samples:
             break
@@ -511,7 +521,7 @@ def compute_rs_stats(shards: str | list[str], *, max_samples: int = 2000,
         sq += np.where(valid, a * a, 0).sum(1)
         cnt += valid.sum(1)
     if total is None:
-        raise ValueError("no rs.npy members found")
+        raise ValueError(f"no rs.npy members found (splits {list(splits) if splits is not None else 'any'})")
     cnt = np.maximum(cnt, 1)
     mean = total / cnt
     std = np.sqrt(np.maximum(sq / cnt - mean**2, 1e-6))

@@ -43,7 +43,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -380,12 +380,15 @@ def load_coordinates(path: str) -> torch.Tensor:
 class _Teacher(nn.Module):
     """Frozen teacher wrapper returning the global RS feature or the SV CLS token."""
 
-    def __init__(self, encoder: nn.Module, kind: str) -> None:
+    def __init__(self, encoder: RSEncoder | SVEncoder) -> None:
         super().__init__()
-        self.encoder, self.kind = encoder, kind
+        self.encoder = encoder
+        self.kind = "rs" if isinstance(encoder, RSEncoder) else "sv"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder.forward_global(x) if self.kind == "rs" else self.encoder.forward_cls(x)
+        if isinstance(self.encoder, RSEncoder):
+            return self.encoder.forward_global(x)
+        return self.encoder.forward_cls(x)
 
 
 def build_model(cfg: TrainConfig) -> GAIRModel:
@@ -396,19 +399,19 @@ def build_model(cfg: TrainConfig) -> GAIRModel:
         if not (cfg.rs_teacher_weights or cfg.sv_teacher_weights):
             raise ValueError("--distill-weight needs --rs-teacher-weights and/or --sv-teacher-weights")
         if cfg.rs_teacher_weights:
-            enc = RSEncoder(
+            rs_enc = RSEncoder(
                 mcfg.rs_arch,
                 img_size=mcfg.rs_img_size,
                 patch_size=mcfg.rs_patch_size,
                 in_chans=mcfg.rs_bands,
                 weights=cfg.rs_teacher_weights,
             )
-            rs_teacher = _Teacher(enc, "rs")
+            rs_teacher = _Teacher(rs_enc)
         if cfg.sv_teacher_weights:
-            enc = SVEncoder(
+            sv_enc = SVEncoder(
                 mcfg.sv_arch, img_size=mcfg.sv_img_size, patch_size=mcfg.sv_patch_size, weights=cfg.sv_teacher_weights
             )
-            sv_teacher = _Teacher(enc, "sv")
+            sv_teacher = _Teacher(sv_enc)
     return GAIRModel(mcfg, rs_teacher=rs_teacher, sv_teacher=sv_teacher)
 
 
@@ -535,7 +538,7 @@ class _BatchStream:
         self._loader = None
 
 
-def _metrics_writer(path: Path, resume_step: int) -> tuple[Any, csv.DictWriter]:
+def _metrics_writer(path: Path, resume_step: int) -> tuple[TextIO, csv.DictWriter]:
     """Open ``metrics.csv`` for appending; on resume drop rows after the resumed step."""
     rows: list[dict] = []
     if resume_step > 0 and path.exists():
@@ -610,7 +613,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         gdist.cleanup(info)
 
 
-def _train(
+def _train(  # noqa: C901 -- the trainer loop is due for a split (separate issue)
     cfg: TrainConfig, info: gdist.DistInfo, device: torch.device, out_dir: Path, ckpt_dir: Path, t_start: float
 ) -> dict[str, Any]:
     shard_paths = resolve_shards(cfg.shards)
@@ -640,9 +643,10 @@ def _train(
         start_step = int(state["step"])
         queue.load_state(state["queue"])
 
-    ddp_model: nn.Module = model
+    ddp: DDP | None = None
     if info.distributed:
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp_model: nn.Module = ddp if ddp is not None else model
     optimizer = build_optimizer(model, lr, weight_decay=cfg.weight_decay, fused=True if device.type == "cuda" else None)
     scheduler = build_scheduler(
         optimizer, warmup_steps=warmup, total_steps=plan.total_steps, min_ratio=cfg.min_lr_ratio
@@ -670,7 +674,9 @@ def _train(
     else:
         stream.start_epoch(epoch, skip_micro=done_in_epoch * cfg.accum_steps)
 
-    csv_fh = writer = tb = None
+    csv_fh: TextIO | None = None
+    writer: csv.DictWriter | None = None
+    tb: Any = None
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_text(
@@ -728,7 +734,9 @@ def _train(
                 model,
                 st,
                 keep=cfg.keep_checkpoints,
-                metadata={"step": str(step), "model_config": json.dumps(mcfg.to_dict())},
+                metadata={"step": str(step), "model_config": json.dumps(mcfg.to_dict()),
+                          # the RS normalisation travels with the weights (evaluation needs the same)
+                          "rs_stats": json.dumps(rs_stats) if rs_stats is not None else "null"},
             )
         last_saved = step
         gdist.barrier()
@@ -755,7 +763,7 @@ def _train(
             rel_xy = batch["rel_xy"].to(device)
             q = queue.coords() if queue.filled > 0 else None
             last_micro = micro == cfg.accum_steps - 1
-            sync = contextlib.nullcontext() if (last_micro or not info.distributed) else ddp_model.no_sync()
+            sync = contextlib.nullcontext() if (last_micro or ddp is None) else ddp.no_sync()
             with sync:
                 with _autocast(cfg, device):
                     out = ddp_model(rs, sv, lonlat, rel_xy, queue_lonlat=q, distill_weight=cfg.distill_weight)
@@ -789,7 +797,7 @@ def _train(
             "elapsed_s": round(time.time() - t_start, 3),
             "queue_filled": queue.filled,
         }
-        if info.is_main:
+        if writer is not None and csv_fh is not None:  # rank 0
             writer.writerow(row)
             csv_fh.flush()
             if tb is not None:
@@ -845,7 +853,8 @@ def _train(
         **validator.summary(),
     }
     if info.is_main:
-        csv_fh.close()
+        if csv_fh is not None:
+            csv_fh.close()
         if tb is not None:
             tb.close()
         ckpt.atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))

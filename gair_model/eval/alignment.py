@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -203,7 +203,9 @@ def location_retrieval(query: np.ndarray, loc_gallery: np.ndarray, lonlat: np.nd
 
     Returns:
         ``(summary, error_km)``: recall@k, ranks, ``median_error_km``, ``mean_error_km``, ``within_1km``
-        (share of queries whose predicted location is at most 1 km away); and the per-query errors.
+        (share of queries whose predicted location is at most 1 km away), ``chance_median_error_km`` (a random
+        gallery pick) and ``best_constant_median_error_km`` (the one gallery location closest, in median, to all
+        queries: an encoder that ignores its input can score this); and the per-query errors.
     """
     scores = cosine_scores(query, loc_gallery)
     better, tied = retrieval_ranks(scores, tol=tol)
@@ -212,8 +214,14 @@ def location_retrieval(query: np.ndarray, loc_gallery: np.ndarray, lonlat: np.nd
         return {**out, "median_error_km": None, "mean_error_km": None, "within_1km": None}, np.zeros(0)
     lonlat = np.asarray(lonlat, dtype=np.float64)
     err = great_circle_km(lonlat, lonlat[scores.argmax(axis=1)])
+    # Chance levels on this gallery: a random gallery pick, and the best single answer given to every query.
+    n = len(lonlat)
+    sub = np.arange(n) if n <= 4000 else np.random.default_rng(0).choice(n, 4000, replace=False)
+    dist = great_circle_km(lonlat[sub][:, None, :], lonlat[sub][None, :, :])
     out.update({"median_error_km": float(np.median(err)), "mean_error_km": float(err.mean()),
-                "within_1km": float((err <= 1.0).mean())})
+                "within_1km": float((err <= 1.0).mean()),
+                "chance_median_error_km": float(np.median(dist)),
+                "best_constant_median_error_km": float(np.median(dist, axis=0).min())})
     return out, err
 
 
@@ -331,7 +339,7 @@ def query_grid(n: int = 48) -> np.ndarray:
 
 def _dense_nili(loc: NILI, grid: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """NILI at every query for every grid, using the linearity of its decoder (``B x Q x E``)."""
-    b, d, h, w = grid.shape
+    _, d, h, w = grid.shape
     feat = NILI.unfold(grid).flatten(2)  # B x 9D x HW
     weight, bias = loc.decoder.weight, loc.decoder.bias
     w_z, w_d = weight[:, : 9 * d], weight[:, 9 * d:]
@@ -347,7 +355,8 @@ def _dense_nili(loc: NILI, grid: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     if not loc.local_ensemble:
         return preds[0]
     weights = loc.blend_weights([off for _, _, off in neighbours]).to(feat.dtype)  # Q x 4
-    return sum(pred * weights[None, :, i : i + 1] for i, pred in enumerate(preds))
+    # typeshed's sum() adds the int start (0) to the result type; preds is never empty here.
+    return cast(torch.Tensor, sum(pred * weights[None, :, i : i + 1] for i, pred in enumerate(preds)))
 
 
 def _dense_grid_sample(loc: GridSampleLocalizer, grid: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -137,7 +138,7 @@ def fetch_samples(loaded: LoadedModel, shards: str | Sequence[str], keys: Sequen
     return found
 
 
-def _mark_positions(ax: Axes, row: Mapping[str, Any]) -> None:
+def _mark_positions(ax: Axes, row: pd.Series) -> None:
     ax.plot(row["x"], row["y"], "o", ms=9, mfc="none", mec="lime", mew=2, label="true")
     ax.plot(row["pred_x"], row["pred_y"], "x", ms=9, color="red", mew=2, label="predicted")
     ax.plot(0.5, 0.5, "+", ms=8, color="white", mew=1.5, label="tile centre")

@@ -98,6 +98,17 @@ def _base_note(data: TaskData, images: DecodedImages | None) -> list[str]:
     return parts
 
 
+def _ensure_geoclip(geoclip: dict[str, Any]) -> bool:
+    """Load GeoCLIP's location encoder once into ``geoclip`` (``model``, ``path`` or ``error``); True if loaded."""
+    if "model" not in geoclip:
+        try:
+            geoclip["path"] = str(geoclip_weights_path())
+            geoclip["model"] = load_geoclip_location()
+        except GeoCLIPUnavailable as exn:
+            geoclip["model"], geoclip["error"] = None, str(exn)
+    return geoclip["model"] is not None
+
+
 def _run_one_task(spec: TaskSpec, methods: Mapping[str, LoadedModel], data_root: Path, *, probes: Sequence[str],
                   knn_k: int, batch_size: int, geoclip: dict[str, Any], cache: dict[tuple, Any],
                   log: Log) -> list[dict[str, Any]]:
@@ -122,13 +133,7 @@ def _run_one_task(spec: TaskSpec, methods: Mapping[str, LoadedModel], data_root:
         loaded = methods.get(method)
         checkpoint = loaded.checkpoint if loaded is not None else None
         if method == GEOCLIP:
-            if "model" not in geoclip:
-                try:
-                    geoclip["path"] = str(geoclip_weights_path())
-                    geoclip["model"] = load_geoclip_location()
-                except GeoCLIPUnavailable as exn:
-                    geoclip["model"], geoclip["error"] = None, str(exn)
-            if geoclip["model"] is None:
+            if not _ensure_geoclip(geoclip):
                 rows.append(_skipped(spec, f"geoclip_pretrained not run: {geoclip['error']}", method))
                 continue
             checkpoint = geoclip["path"]
@@ -139,15 +144,19 @@ def _run_one_task(spec: TaskSpec, methods: Mapping[str, LoadedModel], data_root:
             feat_s = 0.0
         else:
             t0 = time.perf_counter()
-            feats = extract_features(data, method, loaded, images=images, geoclip=geoclip.get("model"),
-                                     batch_size=batch_size, log=log)
+            try:
+                feats = extract_features(data, method, loaded, images=images, geoclip=geoclip.get("model"),
+                                         batch_size=batch_size, log=log)
+            except (ValueError, RuntimeError) as exn:  # e.g. a model whose RS encoder does not take these bands
+                rows.append(_skipped(spec, f"cannot embed with {method}: {exn}", method))
+                continue
             feat_s = time.perf_counter() - t0
             reuse = ""
             if image_key is not None:
                 cache[feat_key] = (feats, feat_s, spec.name)
         try:
             results = run_probes(feats, targets, spec.type, probes=probes, k=knn_k, seed=SEED)
-        except ProbeInputError as exn:
+        except (ProbeInputError, ValueError) as exn:  # sklearn refuses some degenerate splits with ValueError
             rows.append(_skipped(spec, f"cannot probe {method}: {exn}", method))
             continue
         for res in results:

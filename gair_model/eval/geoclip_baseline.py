@@ -116,7 +116,7 @@ class GeoCLIPLocation(nn.Module):
         location = _equal_earth_latlon(latlon.float())
         features = torch.zeros(location.shape[0], GEOCLIP_DIM, device=location.device)
         for i in range(self.n):
-            features += self._modules[f"LocEnc{i}"](location)
+            features += self.get_submodule(f"LocEnc{i}")(location)
         return features
 
     def forward(self, lonlat: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ loader), and :func:`embed_shards` returns every embedding the model produces for
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from safetensors import safe_open
 from gair_model import checkpoint as ckpt
 from gair_model.loader import build_loader, resolve_shards
 from gair_model.models.gair import GAIRConfig, GAIRModel
+
+log = logging.getLogger(__name__)
 
 
 class ModelLoadError(ValueError):
@@ -44,6 +47,8 @@ class LoadedModel:
         rs_stats: Per-band RS statistics used in training (``{"mean", "std"}``), or ``None`` (loader defaults).
         label: Short name for reports (``trained``, ``random``, ...).
         train_config: The trainer configuration of the run, when known.
+        rs_stats_source: Where ``rs_stats`` came from (checkpoint header, run config, given, loader defaults).
+        run_dir: The training run folder of the checkpoint, when it is inside one.
     """
 
     model: GAIRModel
@@ -53,6 +58,8 @@ class LoadedModel:
     rs_stats: dict[str, list[float]] | None = None
     label: str = "trained"
     train_config: dict[str, Any] = field(default_factory=dict)
+    rs_stats_source: str = "given"
+    run_dir: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -84,14 +91,47 @@ def _checkpoint_record(path: Path) -> tuple[Path, Path | None]:
     return model_path, run_dir
 
 
+def read_checkpoint_header(model_path: str | Path) -> dict[str, str]:
+    """The string metadata of a GAIR checkpoint's safetensors header (``step``, ``model_config``, ``rs_stats``)."""
+    with safe_open(str(model_path), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
 def read_checkpoint_config(model_path: str | Path) -> tuple[GAIRConfig, int | None]:
     """The model configuration (and step) stored in a GAIR checkpoint's safetensors header."""
-    with safe_open(str(model_path), framework="pt") as fh:
-        meta = fh.metadata() or {}
+    meta = read_checkpoint_header(model_path)
     if "model_config" not in meta:
         raise ModelLoadError(f"{model_path}: no model_config in the safetensors header (not a GAIR checkpoint?)")
     step = int(meta["step"]) if meta.get("step", "").isdigit() else None
     return GAIRConfig.from_dict(json.loads(meta["model_config"])), step
+
+
+def _training_rs_stats(model_path: Path, run_dir: Path | None,
+                       train_cfg: dict[str, Any]) -> tuple[dict[str, list[float]] | None, str]:
+    """The RS statistics the checkpoint was trained with, and where they came from.
+
+    The checkpoint header carries them (current trainer); older checkpoints name a file in the run's
+    ``config.json`` (resolved against the run folder when relative). A run that used statistics that can no
+    longer be found is an error: evaluating with other statistics would silently shift every RS input.
+    """
+    header = read_checkpoint_header(model_path)
+    if "rs_stats" in header:
+        stats = json.loads(header["rs_stats"])
+        return (stats, "checkpoint header") if stats else (None, "loader defaults (training used none)")
+    named = train_cfg.get("rs_stats")
+    if not named:
+        if run_dir is None:
+            log.warning("%s: no RS statistics in the checkpoint header and no run folder to name them: using the "
+                        "loader's Sentinel-2 defaults (pass rs_stats if training used others)", model_path)
+            return None, "unknown: loader defaults"
+        return None, "loader defaults (training used none)"
+    stats_path = Path(named)
+    if not stats_path.is_absolute() and run_dir is not None:
+        stats_path = run_dir / stats_path
+    if not stats_path.is_file():
+        raise ModelLoadError(f"{model_path}: training used RS statistics from {named}, which no longer exists; "
+                             "pass rs_stats explicitly")
+    return json.loads(stats_path.read_text()), f"file {stats_path.name} named in the run's config.json"
 
 
 def load_trained(path: str | Path, *, device: str | torch.device = "cpu",
@@ -101,29 +141,30 @@ def load_trained(path: str | Path, *, device: str | torch.device = "cpu",
     Args:
         path: Run folder, checkpoint folder, ``latest.json`` or ``.safetensors`` file.
         device: Where to put the model.
-        rs_stats: RS band statistics; default: the ``rs_stats`` file named in the run's ``config.json``.
+        rs_stats: RS band statistics; default: those the checkpoint was trained with (from its header, or for
+            older checkpoints the file named in the run's ``config.json``).
 
     Returns:
         The model in eval mode with its provenance.
 
     Raises:
-        ModelLoadError: When no checkpoint or model configuration can be found.
+        ModelLoadError: When no checkpoint, model configuration or training RS statistics can be found.
     """
     model_path, run_dir = _checkpoint_record(Path(path))
     config, step = read_checkpoint_config(model_path)
     train_cfg: dict[str, Any] = {}
     if run_dir is not None and (run_dir / "config.json").is_file():
         train_cfg = json.loads((run_dir / "config.json").read_text()).get("train", {})
-    if rs_stats is None and train_cfg.get("rs_stats"):
-        stats_path = Path(train_cfg["rs_stats"])
-        if stats_path.is_file():
-            rs_stats = json.loads(stats_path.read_text())
+    source = "given"
+    if rs_stats is None:
+        rs_stats, source = _training_rs_stats(model_path, run_dir, train_cfg)
     # Local weight files named in the config were already folded into the checkpoint.
     config.rs_weights = config.sv_weights = None
     model = GAIRModel(config)
     ckpt.load_model(model, model_path)
     model.to(device).eval()
-    return LoadedModel(model, config, str(model_path.resolve()), step, rs_stats, "trained", train_cfg)
+    return LoadedModel(model, config, str(model_path.resolve()), step, rs_stats, "trained", train_cfg,
+                       rs_stats_source=source, run_dir=str(run_dir.resolve()) if run_dir else None)
 
 
 def random_model(config: GAIRConfig, *, seed: int = 0, device: str | torch.device = "cpu",
@@ -135,7 +176,8 @@ def random_model(config: GAIRConfig, *, seed: int = 0, device: str | torch.devic
         torch.manual_seed(seed)
         model = GAIRModel(config)
     model.to(device).eval()
-    return LoadedModel(model, config, None, None, rs_stats, "random", {})
+    return LoadedModel(model, config, None, None, rs_stats, "random", {},
+                       rs_stats_source="given" if rs_stats is not None else "loader defaults")
 
 
 def iter_eval_batches(loaded: LoadedModel, shards: str | os.PathLike[str] | Sequence[str], *,
@@ -156,7 +198,8 @@ def iter_eval_batches(loaded: LoadedModel, shards: str | os.PathLike[str] | Sequ
     loader = build_loader(resolve_shards(spec),
                           batch_size=batch_size, rs_size=cfg.rs_img_size, sv_size=cfg.sv_img_size,
                           rs_bands=cfg.rs_bands, resampled=False, shuffle_buffer=0, num_workers=0,
-                          splits=tuple(splits) if splits is not None else None, rs_stats=loaded.rs_stats)
+                          splits=tuple(splits) if splits is not None else None, rs_stats=loaded.rs_stats,
+                          split_by_node=False)
     yield from loader
 
 

@@ -182,7 +182,12 @@ def ridge_probe(split: ProbeSplit, *, alphas: Sequence[float] = ALPHAS, cv: int 
         The probe result (``alpha`` is the chosen strength).
     """
     t0 = time.perf_counter()
-    cv = max(2, min(cv, split.n_train))
+    cv = min(cv, split.n_train)
+    if split.task_type == "classification":
+        cv = min(cv, int(np.unique(split.y_train, return_counts=True)[1].min()))
+    if cv < 2:
+        raise ProbeInputError(f"too few training samples per class for {RIDGE_CV}-fold (or even 2-fold) "
+                              "cross-validation of the ridge alpha")
     model_cls = RidgeCV if split.task_type == "regression" else RidgeClassifierCV
     model = model_cls(alphas=tuple(alphas), cv=cv)
     with warnings.catch_warnings():

@@ -18,10 +18,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
-from gair_model.checkpoint import atomic_write, atomic_write_text  # noqa: E402
+from gair_model.checkpoint import atomic_write, atomic_write_text
 
 #: Metrics reported per task type, the first one is the headline.
 METRICS = {"regression": ("r2", "mae"), "classification": ("accuracy", "macro_f1")}
@@ -112,10 +112,23 @@ def alignment_results(by_model: Mapping[str, Mapping[str, Any]], *, model_label:
                     "checkpoint": checkpoint})
 
     for direction in ("sv_to_rs", "rs_to_sv"):
+        part = model.get("retrieval", {}).get(direction, {})
+        n = part.get("n") or model.get("n_samples") or 0
+        chance = {"recall@1": part.get("chance_recall@1"), "recall@5": min(1.0, 5 / n) if n else None,
+                  "recall@10": min(1.0, 10 / n) if n else None, "median_rank": (n + 1) / 2 if n else None,
+                  "tile_hit@1": part.get("tile_chance@1")}
         for metric in ("recall@1", "recall@5", "recall@10", "median_rank", "tile_hit@1"):
-            add(direction, metric, lambda d, a=direction, m=metric: d.get("retrieval", {}).get(a, {}).get(m))
+            add(direction, metric, lambda d, a=direction, m=metric: d.get("retrieval", {}).get(a, {}).get(m),
+                {"chance": chance[metric]})
+    loc_part = model.get("retrieval", {}).get("sv_to_loc", {})
+    n_loc = loc_part.get("n") or model.get("n_samples") or 0
+    loc_chance = {"recall@1": {"chance": loc_part.get("chance_recall@1")},
+                  "median_error_km": {"chance": loc_part.get("chance_median_error_km"),
+                                      "best_constant": loc_part.get("best_constant_median_error_km")},
+                  "within_1km": {}}
     for metric in ("recall@1", "median_error_km", "within_1km"):
-        add("sv_to_location", metric, lambda d, m=metric: d.get("retrieval", {}).get("sv_to_loc", {}).get(m))
+        add("sv_to_location", metric, lambda d, m=metric: d.get("retrieval", {}).get("sv_to_loc", {}).get(m),
+            loc_chance[metric] if n_loc else {})
     centre = model.get("localisation", {}).get("centre_baseline", {})
     for metric in ("median_m", "p90_m", "median_px", "median_frac", "within_cell"):
         add("in_tile_localisation", metric, lambda d, m=metric: d.get("localisation", {}).get("model", {}).get(m),
@@ -124,7 +137,7 @@ def alignment_results(by_model: Mapping[str, Mapping[str, Any]], *, model_label:
 
 
 def build_evaluation(*, checkpoint: str | None, step: int | None, model_config: Mapping[str, Any] | None,
-                     alignment: Mapping[str, Mapping[str, Any]] | None = None,
+                     alignment: Mapping[str, Mapping[str, Any]] | None = None, alignment_skipped: str | None = None,
                      downstream_rows: Sequence[Mapping[str, Any]] = (),
                      ablation: Mapping[str, Any] | None = None, training: Mapping[str, Any] | None = None,
                      synthetic_data: bool | None = None, notes: Sequence[str] = (),
@@ -136,6 +149,7 @@ def build_evaluation(*, checkpoint: str | None, step: int | None, model_config: 
         step: Its optimiser step.
         model_config: Its model configuration.
         alignment: Geo-alignment benchmark dicts keyed by model label (``trained`` first).
+        alignment_skipped: Why the alignment benchmark did not run (e.g. no held-out sample), if it did not.
         downstream_rows: Probe rows of every task family (skipped tasks included).
         ablation: The localiser ablation (``{"budget": {...}, "runs": {localizer: benchmark}}``) or None.
         training: The training run's summary (final train/val loss).
@@ -156,7 +170,7 @@ def build_evaluation(*, checkpoint: str | None, step: int | None, model_config: 
         "synthetic_data": synthetic_data, "seeds": {"probe_split": seeds},
         "training": dict(training or {}),
         "results": results, "headline": headline(results), "skipped": skipped,
-        "alignment": {k: dict(v) for k, v in (alignment or {}).items()},
+        "alignment": {k: dict(v) for k, v in (alignment or {}).items()}, "alignment_skipped": alignment_skipped,
         "downstream": [dict(r) for r in downstream_rows],
         "ablation": dict(ablation) if ablation else None,
         "notes": list(notes), "wall_s": dict(wall_s or {}),
@@ -213,10 +227,12 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def _alignment_md(evaluation: Mapping[str, Any]) -> list[str]:
     align = evaluation.get("alignment") or {}
     if not align:
-        return ["_Geo-alignment benchmark not run._", ""]
+        reason = evaluation.get("alignment_skipped")
+        return [f"_Geo-alignment benchmark not run{': ' + reason if reason else ''}._", ""]
     labels = list(align)
     first = align[labels[0]]
-    out = [f"Test split: {first.get('n_samples')} SV samples in {first.get('n_tiles')} tiles; localiser "
+    splits = ", ".join(first.get("splits") or ["test"])
+    out = [f"Split(s) {splits}: {first.get('n_samples')} SV samples in {first.get('n_tiles')} tiles; localiser "
            f"`{first.get('localizer')}`. Retrieval is among the test samples (cosine of L2-normalised embeddings); "
            "in-tile localisation queries the localiser on a "
            f"{first.get('localisation', {}).get('grid', '?')}x{first.get('localisation', {}).get('grid', '?')} grid "
@@ -271,9 +287,12 @@ def _ablation_md(ablation: Mapping[str, Any] | None) -> list[str]:
     if not ablation:
         return ["_Not run in this evaluation: launch the `ablate_localizers` job (`make ablation`)._", ""]
     budget = ablation.get("budget", {})
-    out = ["Budget (identical for every run): " + ", ".join(f"{k} = {v}" for k, v in budget.items()), ""]
     runs = ablation.get("runs", {})
-    header = ["localiser", "final train loss", "final val loss", "SV->RS R@1", "RS->SV R@1",
+    complete = all(r.get("status") == "completed" and r.get("steps") == budget.get("steps") for r in runs.values())
+    head = ("Budget (identical for every run): " if complete else
+            "**Not an equal budget: some runs stopped early (see status).** Budget asked: ")
+    out = [head + ", ".join(f"{k} = {v}" for k, v in budget.items()), ""]
+    header = ["localiser", "steps", "status", "final train loss", "final val loss", "SV->RS R@1", "RS->SV R@1",
               "in-tile median error (m)", "p90 (m)", "within 1 cell", "tile centre answer (m)", "train wall (s)"]
     table = []
     for name, run in runs.items():
@@ -281,9 +300,10 @@ def _ablation_md(ablation: Mapping[str, Any] | None) -> list[str]:
         loc = bench.get("localisation", {})
         ret = bench.get("retrieval", {})
         model = loc.get("model", {})
-        table.append([name, _fmt(run.get("final_loss")), _fmt(run.get("final_val_loss")),
-                      _fmt(ret.get("sv_to_rs", {}).get("recall@1")), _fmt(ret.get("rs_to_sv", {}).get("recall@1")),
-                      _fmt(model.get("median_m")), _fmt(model.get("p90_m")), _fmt(model.get("within_cell")),
+        table.append([name, run.get("steps", "–"), run.get("status", "–"), _fmt(run.get("final_loss")),
+                      _fmt(run.get("final_val_loss")), _fmt(ret.get("sv_to_rs", {}).get("recall@1")),
+                      _fmt(ret.get("rs_to_sv", {}).get("recall@1")), _fmt(model.get("median_m")),
+                      _fmt(model.get("p90_m")), _fmt(model.get("within_cell")),
                       _fmt(loc.get("centre_baseline", {}).get("median_m")), _fmt(run.get("wall_s"))])
     return [*out, _table(header, table), ""]
 
@@ -335,7 +355,7 @@ def render_markdown(evaluation: Mapping[str, Any], plots: Mapping[str, str] | No
                             [[h["task"], h["metric"], _fmt(h["value"]), h["best_baseline"] or "–",
                               _fmt(h["best_baseline_value"]),
                               {True: "yes", False: "no", None: "–"}[h["model_better"]]] for h in heads]))
-    lines += ["", "## Geo-alignment (test split)", ""] + _alignment_md(evaluation)
+    lines += ["", "## Geo-alignment (held-out split)", ""] + _alignment_md(evaluation)
     lines += ["## Downstream tasks (frozen encoders, linear probes)", "",
               "Protocol: one 80/20 random split (seed 42); features min-max scaled on the training split; "
               "`RidgeCV(alphas=(0.1, 1, 10), cv=3)` for regression (R2, MAE on raw targets), "

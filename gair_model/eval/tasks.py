@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +137,14 @@ class TaskData:
 
 
 def default_tasks_path() -> Path:
-    """The bundled registry, ``config/eval_tasks.yaml`` at the repository root."""
-    return Path(__file__).resolve().parents[2] / "config" / "eval_tasks.yaml"
+    """The bundled registry: ``config/eval_tasks.yaml`` of the checkout, package data in an installed wheel.
+
+    A wheel carries it as ``gair_model/eval/config/eval_tasks.yaml`` (``[tool.setuptools.package-dir]`` in
+    ``pyproject.toml``), found with :mod:`importlib.resources`; a checkout (editable install) has no such folder
+    and reads the top-level ``config/`` beside the package.
+    """
+    packaged = Path(str(resources.files("gair_model.eval"))) / "config" / "eval_tasks.yaml"
+    return packaged if packaged.is_file() else Path(__file__).resolve().parents[2] / "config" / "eval_tasks.yaml"
 
 
 def _fail(task: str, problem: str) -> TaskConfigError:

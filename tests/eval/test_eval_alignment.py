@@ -237,7 +237,7 @@ def synthetic_run(tmp_path_factory):
 
 
 def test_benchmark_end_to_end(synthetic_run):
-    loaded, shards, result = synthetic_run
+    _loaded, _shards, result = synthetic_run
     s = result.summary
     assert set(s) == {"n_samples", "n_tiles", "localizer", "model", "splits", "retrieval", "localisation", "rings",
                       "timing", "wall_s"}

@@ -32,8 +32,9 @@ ROWS = [
 
 def _bench(r1, err_m, centre_m):
     return {"n_samples": 50, "n_tiles": 5, "localizer": "nili", "wall_s": 1.0,
-            "retrieval": {"sv_to_rs": {"recall@1": r1, "recall@5": 0.5, "recall@10": 0.7, "median_rank": 6,
-                                       "tile_hit@1": 0.6},
+            "retrieval": {"sv_to_rs": {"n": 50, "recall@1": r1, "recall@5": 0.5, "recall@10": 0.7,
+                                       "median_rank": 6, "tile_hit@1": 0.6, "chance_recall@1": 0.02,
+                                       "tile_chance@1": 0.2},
                           "rs_to_sv": {"recall@1": r1 / 2}, "sv_to_loc": {"recall@1": 0.1, "median_error_km": 2.5}},
             "localisation": {"grid": 48, "model": {"median_m": err_m, "p90_m": 2 * err_m, "median_px": err_m / 10,
                                                    "within_cell": 0.3},
@@ -63,7 +64,11 @@ def test_alignment_results_compare_model_with_random_and_centre():
     loc = next(r for r in res if r["task"] == "alignment/in_tile_localisation" and r["metric"] == "median_m")
     assert loc["value"] == 100.0 and loc["baselines"] == {"random_init": 310.0, "tile_centre": 300.0}
     r1 = next(r for r in res if r["task"] == "alignment/sv_to_rs" and r["metric"] == "recall@1")
-    assert r1["value"] == 0.4 and r1["baselines"] == {"random_init": 0.02} and r1["checkpoint"] == "c"
+    assert r1["value"] == 0.4 and r1["baselines"] == {"random_init": 0.02, "chance": 0.02} and r1["checkpoint"] == "c"
+    rank = next(r for r in res if r["task"] == "alignment/sv_to_rs" and r["metric"] == "median_rank")
+    assert rank["baselines"]["chance"] == 25.5  # (n + 1) / 2 of 50 gallery items
+    r10 = next(r for r in res if r["task"] == "alignment/sv_to_rs" and r["metric"] == "recall@10")
+    assert r10["baselines"]["chance"] == 0.2
     assert alignment_results({}) == []
 
 

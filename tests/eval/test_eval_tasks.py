@@ -47,7 +47,7 @@ def test_bundled_task_loads_on_real_data(name):
     spec = next(s for s in load_task_specs() if s.name == name)
     assert check_task(spec, root) is None
     data = load_task_data(spec, root)
-    family, task_type, n_rows, n_classes = BUNDLED[name]
+    _family, _task_type, n_rows, n_classes = BUNDLED[name]
     assert data.n_rows == n_rows and len(data) == n_rows and data.n_skipped_inputs == 0
     if n_classes:
         assert len(np.unique(data.targets)) == n_classes

@@ -64,7 +64,7 @@ def test_evaluate_job_reports_every_task_with_baselines(trained_root, tmp_path):
     assert set(meta) == {"eval_alignment", "eval_location", "eval_streetview", "eval_remote_sensing",
                          "gair_embeddings", "evaluation_report"}
     align = meta["eval_alignment"]
-    assert align["num_test_samples"].value > 0
+    assert align["num_samples"].value > 0 and align["rs_stats_source"].value == "checkpoint header"
     assert align["localisation_median_error_m_tile_centre"].value > 0
     for key in ("offset_rings_plot", "examples_plot"):
         assert "data:image/png;base64" in align[key].value

@@ -14,6 +14,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from gair_model.checkpoint import atomic_write_text
 from gair_model.eval.loading import load_trained
 from gair_model.loader import compute_rs_stats
 from gair_model.models.nili import LOCALIZERS
@@ -47,8 +48,8 @@ def _train_one(context: dg.AssetExecutionContext, cmd: list[str]) -> int:
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     tail: list[str] = []
     assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
+    for raw in proc.stdout:
+        line = raw.rstrip()
         tail = (tail + [line])[-30:]
         if line.startswith(METRICS_PREFIX):
             m = json.loads(line[len(METRICS_PREFIX):])
@@ -77,7 +78,7 @@ def localizer_ablation(context: dg.AssetExecutionContext, config: AblationConfig
     extra: list[str] = []
     if config.rs_stats_samples > 0:  # one set of RS statistics for every run
         stats_path = root / "rs_stats.json"
-        stats_path.write_text(json.dumps(compute_rs_stats(shard_list, max_samples=config.rs_stats_samples)))
+        atomic_write_text(stats_path, json.dumps(compute_rs_stats(shard_list, max_samples=config.rs_stats_samples)))
         extra = ["--rs-stats", str(stats_path)]
     train_cfg = TrainingConfig(preset=config.preset, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
                                warmup_steps=config.warmup_steps, seed=config.seed, device=config.device,
@@ -114,8 +115,6 @@ def localizer_ablation(context: dg.AssetExecutionContext, config: AblationConfig
     reports = data_root.stage_dir("reports")
     png = save_figure(plot_offset_rings(benches), reports / "ablation_offset_rings.png")
     md = reports / "ablation.md"
-    from gair_model.checkpoint import atomic_write_text
-
     atomic_write_text(md, render_ablation_markdown(ablation, plot=png.name))
     table = {k: {"median_error_m": v["benchmark"]["localisation"]["model"]["median_m"],
                  "sv_to_rs_recall@1": v["benchmark"]["retrieval"]["sv_to_rs"]["recall@1"],

@@ -20,7 +20,7 @@ import dagster as dg
 from pydantic import Field
 
 from gair_model.checkpoint import atomic_write_text
-from gair_model.eval.loading import LoadedModel, ModelLoadError, load_trained, random_model
+from gair_model.eval.loading import LoadedModel, ModelLoadError, load_trained, random_model, read_checkpoint_config
 from gair_model.eval.report import (
     build_evaluation,
     downstream_results,
@@ -126,7 +126,12 @@ def eval_alignment(context: dg.AssetExecutionContext, config: AlignmentConfig,
             results[lm.label] = benchmark_alignment(lm, shard_list, splits=tuple(config.splits), grid=config.grid,
                                                     batch_size=config.batch_size, log=context.log.info)
         except ValueError as exc:
-            raise dg.Failure(str(exc)) from exc
+            # No held-out sample (e.g. a one-tile region): say so in the report instead of losing the report.
+            context.log.warning("alignment benchmark not run: %s", exc)
+            out = write_json(eval_dir(data_root) / "alignment.json",
+                             {"checkpoint": trained.checkpoint, "step": trained.step, "splits": config.splits,
+                              "skipped": str(exc)})
+            return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(str(out)), "skipped": str(exc)})
     summaries = {k: v.summary for k, v in results.items()}
     out = write_json(eval_dir(data_root) / "alignment.json",
                      {"checkpoint": trained.checkpoint, "step": trained.step, "splits": config.splits,
@@ -144,8 +149,10 @@ def eval_alignment(context: dg.AssetExecutionContext, config: AlignmentConfig,
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(out)),
         "checkpoint": dg.MetadataValue.path(str(trained.checkpoint)),
-        "num_test_samples": int(model["n_samples"]),
-        "num_test_tiles": int(model["n_tiles"]),
+        "splits": dg.MetadataValue.json(config.splits),
+        "rs_stats_source": trained.rs_stats_source,
+        "num_samples": int(model["n_samples"]),
+        "num_tiles": int(model["n_tiles"]),
         "sv_to_rs_recall@1": float(ret["sv_to_rs"]["recall@1"]),
         "sv_to_rs_recall@1_random_init": float(rand["retrieval"]["sv_to_rs"]["recall@1"]),
         "sv_to_rs_recall@1_chance": float(ret["sv_to_rs"]["chance_recall@1"]),
@@ -256,6 +263,18 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _checkpoint_provenance(checkpoint: str | None) -> tuple[dict | None, int | None, dict]:
+    """Model configuration and step from the checkpoint's own header; the training summary of its own run."""
+    if not checkpoint or not Path(checkpoint).is_file():
+        return None, None, {}
+    config, step = read_checkpoint_config(checkpoint)
+    summary = _read_json(Path(checkpoint).parent.parent / "summary.json") or {}
+    if summary.get("checkpoint") and Path(summary["checkpoint"]).resolve() != Path(checkpoint).resolve():
+        summary = {}  # the run folder has moved on to another checkpoint since
+    keep = ("steps", "final_loss", "final_val_loss", "best_val_loss", "best_val_step", "wall_seconds", "device")
+    return config.to_dict(), step, {k: summary.get(k) for k in keep if k in summary}
+
+
 @dg.asset(group_name="evaluation", kinds={"markdown"},
           deps=[eval_alignment, eval_location, eval_streetview, eval_remote_sensing,
                 dg.AssetKey("localizer_ablation")])
@@ -266,15 +285,22 @@ def evaluation_report(context: dg.AssetExecutionContext, data_root: DataRoot) ->
     edir = data_root.path / "evaluation"
     alignment = _read_json(edir / "alignment.json") or {}
     family_docs = {f: _read_json(edir / f"downstream_{f}.json") for f in FAMILIES}
-    rows = [r for doc in family_docs.values() if doc for r in doc["rows"]]
     ablation = _read_json(edir / "ablation.json")
-    run_dir = training_run_dir(data_root)
-    training = _read_json(run_dir / "summary.json") or {}
-    checkpoint = alignment.get("checkpoint") or next((d["checkpoint"] for d in family_docs.values() if d), None)
-    if not alignment and not rows and not ablation:
+    if not alignment and not any(family_docs.values()) and not ablation:
         raise dg.Failure("nothing to report: materialize eval_alignment, an eval_<family> asset or "
                          "localizer_ablation first")
-    model_config = (_read_json(run_dir / "config.json") or {}).get("model")
+    # One report = one checkpoint: inputs computed on another checkpoint are left out and named.
+    checkpoint = alignment.get("checkpoint") or next((d["checkpoint"] for d in family_docs.values() if d), None)
+    stale: list[str] = []
+    if alignment and alignment.get("checkpoint") != checkpoint:
+        stale.append("eval_alignment")
+        alignment = {}
+    for f, doc in family_docs.items():
+        if doc and doc.get("checkpoint") != checkpoint:
+            stale.append(f"eval_{f}")
+            family_docs[f] = None
+    rows = [r for doc in family_docs.values() if doc for r in doc["rows"]]
+    model_config, step, training = _checkpoint_provenance(checkpoint)
     synthetic = any((data_root.read_stats("shards", Path(s).name) or {}).get("synthetic", False)
                     or (data_root.read_stats("stac", Path(s).name) or {}).get("synthetic", False)
                     for s in (shard_sets(data_root)))
@@ -285,13 +311,17 @@ def evaluation_report(context: dg.AssetExecutionContext, data_root: DataRoot) ->
     if missing:
         notes.append(f"Task families not evaluated yet (materialize eval_<family>): {', '.join(missing)}.")
     if not alignment:
-        notes.append("The geo-alignment benchmark has not run yet (materialize eval_alignment).")
+        notes.append("The geo-alignment benchmark has not run yet for this checkpoint (materialize eval_alignment).")
+    if stale:
+        notes.append(f"Left out, computed on another checkpoint than {checkpoint}: {', '.join(stale)} "
+                     "(materialize them again).")
+    if ablation:
+        notes.append("The localiser ablation trains its own models (its budget is in its section); it does not "
+                     "evaluate the checkpoint above.")
     evaluation = build_evaluation(
-        checkpoint=checkpoint, step=alignment.get("step"), model_config=model_config,
-        alignment=alignment.get("results"), downstream_rows=rows, ablation=ablation, synthetic_data=synthetic,
-        training={k: training.get(k) for k in ("steps", "final_loss", "final_val_loss", "best_val_loss",
-                                                 "best_val_step", "wall_seconds", "device")},
-        notes=notes, wall_s=walls)
+        checkpoint=checkpoint, step=step, model_config=model_config, alignment=alignment.get("results"),
+        alignment_skipped=alignment.get("skipped"), downstream_rows=rows, ablation=ablation,
+        synthetic_data=synthetic, training=training, notes=notes, wall_s=walls)
     reports = data_root.stage_dir("reports")
     figures = {"probe_scores": probe_scores_figure(evaluation["results"])}
     written = write_report(reports, evaluation, figures,

@@ -9,6 +9,7 @@ import dagster as dg
 from pydantic import Field
 
 from gair_dataset.contract import SHARDS_JSON_NAME
+from gair_model.checkpoint import atomic_write_text
 from gair_model.loader import compute_rs_stats
 from pipelines.common.storage import DataRoot
 from pipelines.defs.shards.assets import shards
@@ -83,7 +84,7 @@ def gair_model_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
         # Per-band mean/std of these shards for the clip-and-scale normalisation (nodata ignored).
         stats = compute_rs_stats(shard_list, max_samples=config.rs_stats_samples)
         stats_path = data_root.stage_dir("training") / "rs_stats.json"
-        stats_path.write_text(json.dumps(stats, indent=1))
+        atomic_write_text(stats_path, json.dumps(stats, indent=1))
         extra = ["--rs-stats", str(stats_path)]
         context.log.info("RS band statistics from %d samples: mean %s", config.rs_stats_samples,
                          [round(v) for v in stats["mean"]])
@@ -100,5 +101,5 @@ def gair_model_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
     report = data_root.stage_dir("reports") / "training_summary.json"
     keep = ("status", "steps", "final_loss", "final_val_loss", "best_val_loss", "best_val_step", "checkpoint", "device",
             "world_size", "samples_seen", "wall_seconds")
-    report.write_text(json.dumps({k: summary.get(k) for k in keep}, indent=1, default=str))
+    atomic_write_text(report, json.dumps({k: summary.get(k) for k in keep}, indent=1, default=str))
     return result
