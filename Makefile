@@ -10,10 +10,12 @@ export DAGSTER_HOME ?= $(GAIR_DATA_ROOT)/dagster_home
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Editable install of every extra (dataset, train, pipelines + the dev tools), with every package pinned by
+# constraints.txt. A training image needs only `pip install ".[train]"`, the data side ".[dataset]".
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 demo: install  ## run the main job for every region of config/regions.yaml (default: the synthetic sample)
@@ -43,8 +45,9 @@ bench: install  ## benchmarks; figures go to bench/results/*.json
 	$(BIN)/python bench/train_cpu.py
 	$(BIN)/python bench/embed_bench.py
 
-lint: install
+lint: install  ## ruff (style + bug-catching rules), then mypy (config in pyproject.toml)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 sample: install  ## (re)generate the synthetic sample region only
 	$(BIN)/python -m gair_dataset.sample_region --force

@@ -95,5 +95,5 @@ def decode_npy(data: bytes) -> np.ndarray:
                 arr = np.frombuffer(data, dtype=dtype, count=count, offset=start + hlen)
                 return arr.reshape(shape, order="F" if m.group(2) == b"True" else "C")
         return np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as exn:  # noqa: BLE001 - any failure means a bad member
+    except Exception as exn:  # any failure means a bad member
         raise SampleDecodeError(f"bad rs.npy: {exn}") from exn

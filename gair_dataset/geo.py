@@ -164,10 +164,3 @@ def reproject(geom, src: str | int, dst: str | int):
     """A shapely geometry transformed between CRSs (x=lon/easting order)."""
     tr = transformer(src, dst)
     return shapely.transform(geom, lambda xy: np.column_stack(tr.transform(xy[:, 0], xy[:, 1])))
-
-
-def utm_epsg_for(lon: float, lat: float) -> int:
-    """EPSG code of the WGS84 / UTM zone containing ``(lon, lat)``."""
-    check_lonlat(lon, lat)
-    zone = min(int((lon + 180.0) // 6.0) + 1, 60)
-    return (32600 if lat >= 0 else 32700) + zone

@@ -1,6 +1,8 @@
 """Pairs street-view points with tiles in DuckDB (spatial extension loaded offline from its wheel).
 
-The SQL lives in ``sql/pair_points.sql``; this module prepares its inputs and writes GeoParquet.
+The SQL lives in ``sql/pair_points.sql``; this module prepares its inputs and writes GeoParquet. The pairs table
+is slim (``PAIRS_COLUMNS``): the point's own columns, ``tile_id``, the offset and the tile's split; every other tile
+attribute stays in ``tiles.parquet`` and is joined by ``tile_id`` where it is needed (the shards step, the checks).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pandas as pd
@@ -21,12 +24,30 @@ from gair_dataset.geo import MERC_HALF
 
 log = logging.getLogger(__name__)
 
-SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
+
+def _sql_dir() -> Path:
+    """The pairing SQL: package data in an installed wheel, else the checkout's top-level ``sql/``."""
+    package = Path(str(resources.files("gair_dataset")))
+    packaged = package / "sql"  # a wheel maps sql/ into the package (pyproject.toml [tool.setuptools.package-dir])
+    return packaged if (packaged / "pair_points.sql").is_file() else package.parent / "sql"
+
+
+#: Where :func:`read_sql` reads the SQL files (found once, at import).
+SQL_DIR = _sql_dir()
 #: DuckDB memory_limit used by the pipeline and the benchmark: keeps the pairing of 10M points under ~1.6 GB RSS
 #: (DuckDB spills its sort state to disk beyond it).
 DEFAULT_MEMORY_LIMIT = "1GB"
 #: How far (in tile units) a tile's stored bounds may lie from its grid cell; the pairing refuses tiles beyond it.
 OFF_GRID_TOLERANCE = 1e-6
+#: Columns of ``pairs.parquet``, in order (``docs/DATA_CONTRACT.md``).
+PAIRS_COLUMNS = ("sv_id", "lon", "lat", "image_uri", "heading", "captured_at", "tile_id", "x", "y", "col", "row",
+                 "split", "region", "geometry")
+#: Tile columns the pairing reads (the grid check and the offsets); the rest of the tile table is not loaded.
+_TILE_INPUT_COLUMNS = ("tile_id", "grid", "tile_crs", "tile_minx", "tile_miny", "tile_maxx", "tile_maxy",
+                       "tile_width", "tile_height", "lon_min", "lat_max", "lon_max", "lat_min", "split")
+#: Parquet options of the pairs file: zstd level 1 writes a file as small as the default level 3 here (random
+#: doubles dominate it) for a quarter less CPU.
+_PAIRS_PARQUET = "FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1"
 
 
 def spatial_extension_path() -> Path:
@@ -69,10 +90,11 @@ def connect(memory_limit: str | None = None, threads: int | None = None,
 
 
 def read_sql(name: str) -> str:
-    """Text of ``sql/<name>``."""
+    """Text of ``sql/<name>`` (:data:`SQL_DIR`)."""
     path = SQL_DIR / name
-    if not path.exists():
-        raise FileNotFoundError(f"SQL file missing: {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"SQL file missing: {path} (the checkout's sql/ folder, or gair_dataset/sql/ "
+                                f"in an installed wheel)")
     return path.read_text()
 
 
@@ -80,7 +102,7 @@ def grids_table(tiles: pd.DataFrame, margin_deg: float = 0.05) -> pd.DataFrame:
     """One row per regular grid present in the tiles (an XYZ zoom, or one UTM zone), with its extent."""
     width = tiles["tile_maxx"] - tiles["tile_minx"]
     tiles = tiles.assign(size_mm=(width * 1000).round(), size=width)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for (grid, crs, _), g in tiles.groupby(["grid", "tile_crs", "size_mm"]):
         origin = (-MERC_HALF, MERC_HALF) if grid == "xyz" else (0.0, 0.0)
         # The exact size, not a rounded one: tile indices reach 2^zoom, so a size error adds up.
@@ -109,29 +131,27 @@ class PairingResult:
     seconds: float
 
 
-def prepare_pairing(con: duckdb.DuckDBPyConnection, points_path: str | Path, tiles_path: str | Path,
-                    region: str | None = None) -> int:
+def prepare_pairing(con: duckdb.DuckDBPyConnection, points_path: str | Path, tiles_path: str | Path) -> int:
     """Load the inputs and define the view ``assigned`` (``sql/pair_points.sql``) on ``con``.
 
     Args:
         con: a connection from :func:`connect`.
         points_path: Parquet with ``sv_id, lon, lat, image_uri, heading, captured_at`` (validated points).
-        tiles_path: the tile grid GeoParquet (``docs/DATA_CONTRACT.md``).
-        region: the region (partition) name written in the ``region`` column.
+        tiles_path: the tile grid GeoParquet (``docs/DATA_CONTRACT.md``); only ``_TILE_INPUT_COLUMNS`` are read.
 
     Returns:
         The number of regular grids among the tiles (more than one: a point may lie in tiles of two grids).
     """
     con.execute(f"CREATE OR REPLACE TEMP VIEW points AS SELECT file_row_number AS pidx, sv_id, lon, lat, image_uri, "
                 f"heading, captured_at FROM read_parquet('{_q(points_path)}', file_row_number = true)")
-    con.execute(f"CREATE OR REPLACE TEMP TABLE tiles AS SELECT * FROM read_parquet('{_q(tiles_path)}')")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE tiles AS SELECT {', '.join(_TILE_INPUT_COLUMNS)} "
+                f"FROM read_parquet('{_q(tiles_path)}')")
     tiles_meta = con.execute("SELECT grid, tile_crs, tile_minx, tile_maxx, lon_min, lat_min, lon_max, lat_max "
                              "FROM tiles").df()
     grids = grids_table(tiles_meta)
     con.register("grids_df", grids)
     con.execute("CREATE OR REPLACE TEMP TABLE grids AS SELECT * FROM grids_df")
     con.unregister("grids_df")
-    con.execute("CREATE OR REPLACE TEMP TABLE run_info AS SELECT CAST(? AS VARCHAR) AS region", [region])
     run_sql(con, "pair_points.sql")
     off = con.execute("SELECT tile_id, off_grid FROM tile_keys WHERE NOT coalesce(off_grid <= ?, false) "
                       "ORDER BY tile_id", [OFF_GRID_TOLERANCE]).fetchall()
@@ -163,7 +183,7 @@ def assign_points(points_path: str | Path, tiles_path: str | Path, *,
     con.execute("CREATE OR REPLACE TEMP TABLE assigned_rows AS SELECT pidx, tidx, x, y FROM assigned")
     if n_grids > 1:
         run_sql(con, "pair_one_tile_per_point.sql")
-    return int(con.execute("SELECT count(*) FROM assigned_rows").fetchone()[0])
+    return int(con.execute("SELECT count(*) FROM assigned_rows").fetchall()[0][0])
 
 
 def pair_points(points_path: str | Path, tiles_path: str | Path, out_path: str | Path, *,
@@ -171,10 +191,12 @@ def pair_points(points_path: str | Path, tiles_path: str | Path, out_path: str |
                 con: duckdb.DuckDBPyConnection | None = None, region: str | None = None) -> PairingResult:
     """Pair every point with the one tile that contains it; write GeoParquet atomically.
 
-    With one grid and no cap the assignment is a view streamed through DuckDB's sort (by tile, then input
-    order) into the file; a choice between grids or a cap needs the assigned rows in a table first. The same
-    inputs give the same file. Both files are written under temporary names and renamed only once both are
-    complete, ``out_path`` last.
+    The pairs file holds ``PAIRS_COLUMNS``: the point's own columns, ``tile_id``, ``x, y, col, row``, the tile's
+    ``split``, ``region`` and the point geometry; the tile's other attributes stay in ``tiles_path`` (joined by
+    ``tile_id`` downstream). With one grid and no cap the assignment is a view streamed through DuckDB's sort (by
+    tile, then input order) into the file; a choice between grids or a cap needs the assigned rows in a table
+    first. The same inputs give the same file. Both files are written under temporary names and renamed only once
+    both are complete, ``out_path`` last.
 
     Args:
         points_path: Parquet with ``sv_id, lon, lat, image_uri, heading, captured_at`` (validated points).
@@ -193,40 +215,42 @@ def pair_points(points_path: str | Path, tiles_path: str | Path, out_path: str |
         raise ValueError("max_points_per_tile must be >= 1 or None")
     con = con or connect()
     out_path = Path(out_path)
-    n_grids = prepare_pairing(con, points_path, tiles_path, region)
-    n_points = int(con.execute("SELECT count(*) FROM points").fetchone()[0])
+    n_grids = prepare_pairing(con, points_path, tiles_path)
+    n_points = int(con.execute("SELECT count(*) FROM points").fetchall()[0][0])
     materialise = n_grids > 1 or max_points_per_tile is not None
     source = "assigned_rows" if materialise else "assigned"  # what the unpaired list and the pairs read
     if materialise:
         con.execute("CREATE OR REPLACE TEMP TABLE assigned_rows AS SELECT * FROM assigned")
         if n_grids > 1:
             run_sql(con, "pair_one_tile_per_point.sql")
+    con.execute(f"CREATE OR REPLACE TEMP VIEW pairs_source AS SELECT * FROM {source}")  # read by both outputs
     pending: list[tuple[Path, Path]] = []  # (tmp, final), renamed in this order once all are complete
     try:
         if unpaired_path is not None:
             # Before the cap: a capped point lies in a tile, it is not unpaired.
             unpaired_path = Path(unpaired_path)
             pending.append((_tmp_path(unpaired_path), unpaired_path))
-            con.execute(f"COPY (SELECT p.* EXCLUDE (pidx) FROM points p ANTI JOIN (SELECT pidx FROM {source}) "
-                        f"USING (pidx) ORDER BY p.pidx) TO '{_q(pending[-1][0])}' (FORMAT parquet)")
+            # One grid: a point has one cell at most, and its unpaired test needs no join the size of the points.
+            unpaired_sql = "pair_unpaired_one_grid.sql" if n_grids == 1 else "pair_unpaired.sql"
+            con.execute(f"COPY ({_strip_comments(read_sql(unpaired_sql))}) TO '{_q(pending[-1][0])}' "
+                        f"(FORMAT parquet)")
         one_per_point = None
         if materialise:
-            one_per_point = int(con.execute("SELECT count(*) FROM assigned_rows").fetchone()[0])
+            one_per_point = int(con.execute("SELECT count(*) FROM assigned_rows").fetchall()[0][0])
             if max_points_per_tile is not None:
                 run_sql(con, "pair_cap_per_tile.sql", {"max_points_per_tile": int(max_points_per_tile)})
-        con.execute(f"CREATE OR REPLACE TEMP VIEW pairs_source AS SELECT * FROM {source}")
         tmp_pairs = _tmp_path(out_path)
         pending.append((tmp_pairs, out_path))
         paired = int(con.execute(f"COPY ({_strip_comments(read_sql('pair_output.sql'))}) TO '{_q(tmp_pairs)}' "
-                                 f"(FORMAT parquet, COMPRESSION zstd)").fetchone()[0])
+                                 f"({_PAIRS_PARQUET})", {"region": region}).fetchall()[0][0])
         n_tiles = int(con.execute(f"SELECT count(DISTINCT tile_id) FROM read_parquet('{_q(tmp_pairs)}')")
-                      .fetchone()[0])
+                      .fetchall()[0][0])
         for tmp, final in pending:
             os.replace(tmp, final)
     finally:
         for tmp, _ in pending:
             tmp.unlink(missing_ok=True)
-    for name in ("pairs_source", "assigned"):
+    for name in ("pairs_source", "assigned", "point_cells"):
         con.execute(f"DROP VIEW IF EXISTS {name}")
     for name in ("assigned_rows", "tile_keys"):
         con.execute(f"DROP TABLE IF EXISTS {name}")

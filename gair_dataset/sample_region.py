@@ -132,6 +132,8 @@ def _write_item(region: SampleRegion, acq: Acquisition, cover, origin: tuple[flo
             "title": f"Band {band[1:].lstrip('0')} - {_COMMON[band]} - {res}m (synthetic)",
             "eo:bands": [{"name": band, "common_name": _COMMON[band], "center_wavelength": _WAVELENGTH[band]}],
         }
+    if cloud20 is None:
+        raise RuntimeError("no 20 m band rendered: the SCL band needs the 20 m cloud mask")
     scl = scl_from(cover, cloud20)
     _write_cog(item_dir / "SCL.tif", scl, from_origin(ox, oy, 20, 20), region.epsg, nodata=0)
     assets["SCL"] = {
@@ -208,7 +210,7 @@ def _sample_points(region: SampleRegion, roads, rng: np.random.Generator) -> lis
 
 def _write_region(region: SampleRegion, root: Path) -> dict:
     t0 = time.perf_counter()
-    minx, miny, maxx, maxy = region_utm_bounds(region)
+    minx, _miny, maxx, maxy = region_utm_bounds(region)
     origin = (minx - region.margin_m, maxy + region.margin_m)
     size_px = int((region.size_m + 2 * region.margin_m) / 10)
     cover, roads = make_land_cover(region.seed, origin[0], origin[1], size_px, 10.0, region.epsg)

@@ -1,7 +1,8 @@
 """Turn pairs (SV point x RS tile) into WebDataset samples: chip + SV image + sample JSON.
 
-:func:`build_shards_from_pairs` is the one call a pipeline asset needs: it sorts the pairs by
-sample key, reads each tile's chip once (trying the pair's items least-cloudy first), validates
+:func:`build_shards_from_pairs` is the one call a pipeline asset needs: it joins each pair with its
+tile's attributes (``tiles.parquet``, by ``tile_id``: the pairs table does not repeat them), sorts the
+pairs by sample key, reads each tile's chip once (trying the pair's items least-cloudy first), validates
 and normalises each SV image (perspective crop for 360 panoramas), writes the shard set, and
 reports every rejected pair with a reason so that ``n_pairs == n_written + n_rejected``.
 """
@@ -9,6 +10,7 @@ reports every rejected pair with a reason so that ``n_pairs == n_written + n_rej
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from collections import Counter, OrderedDict
@@ -41,7 +43,7 @@ def _num(v: Any) -> float | None:
         f = float(v)
     except (TypeError, ValueError):
         return None
-    return None if f != f else f  # NaN -> None
+    return None if math.isnan(f) else f
 
 
 def build_sample_json(pair: Mapping[str, Any], item: Mapping[str, Any] | None, sv_bytes: bytes, *,
@@ -50,8 +52,9 @@ def build_sample_json(pair: Mapping[str, Any], item: Mapping[str, Any] | None, s
     """Build the per-sample JSON of the data contract from a pairs row and its STAC item.
 
     Args:
-        pair: One row of ``pairs.parquet`` (``sv_id, lon, lat, tile_id, tile_crs, lon_min,
-            lat_max, lon_max, lat_min, x, y, col, row, item_ids, collection, split`` ...).
+        pair: One row of ``pairs.parquet`` joined with its tile's row of ``tiles.parquet`` (``sv_id,
+            lon, lat, tile_id, x, y, col, row, split, region`` from the pair; ``grid, tile_crs, lon_min,
+            lat_max, lon_max, lat_min, item_ids, collection`` from the tile).
         item: The STAC item the chip was read from (None for synthetic data).
         sv_bytes: The ``sv.jpg`` bytes written with the sample (their size is recorded).
         bands: Band names of ``rs.npy`` in order.
@@ -109,7 +112,7 @@ class Rejection:
     key: str
     sv_id: str
     tile_id: str
-    stage: str  # "key" | "chip" | "sv" | "item"
+    stage: str  # "key" | "tile" | "chip" | "sv" | "item"
     reason: str
 
 
@@ -142,9 +145,18 @@ def _pair_records(pairs: Any) -> list[dict[str, Any]]:
     return [dict(p) for p in pairs]
 
 
+def tiles_by_id(tiles: Any) -> dict[str, dict[str, Any]]:
+    """Index tile rows (``tiles.parquet`` as a (Geo)DataFrame, or row mappings) by ``tile_id``, without geometry."""
+    out: dict[str, dict[str, Any]] = {}
+    for t in _pair_records(tiles):
+        t.pop("geometry", None)
+        out[str(t["tile_id"])] = t
+    return out
+
+
 def build_shards_from_pairs(
     pairs: Any, items: Mapping[str, Mapping[str, Any]], out_dir: str | os.PathLike[str], *,
-    name: str = "shard", samples_per_shard: int = 1000, bands: Sequence[str] | None = None,
+    tiles: Any = None, name: str = "shard", samples_per_shard: int = 1000, bands: Sequence[str] | None = None,
     out_size: int | None = None, signer: Signer | None = None, max_nodata_fraction: float = 0.1,
     max_cloud_fraction: float | None = 0.1, sv_max_side: int | None = 1024, pano_fov_deg: float = 90.0,
     pano_out_size: int = 512, synthetic: bool = False, gdal_env: Mapping[str, Any] | None = None,
@@ -156,6 +168,10 @@ def build_shards_from_pairs(
         pairs: ``pairs.parquet`` as a (Geo)DataFrame or an iterable of row mappings.
         items: STAC items (dicts, unsigned hrefs) by item id.
         out_dir: Shard set folder.
+        tiles: ``tiles.parquet`` (a (Geo)DataFrame or row mappings): each pair is joined with its tile's row by
+            ``tile_id`` (the pair's own columns win), which gives the chip window and the JSON's CRS, bbox,
+            grid, item ids and collection. A pair whose tile is missing is rejected (stage ``tile``). None:
+            the pairs rows already carry those columns.
         name: Shard set name (``<name>-%06d.tar``).
         samples_per_shard: Maximum samples per shard.
         bands: Band names (default: the collection's band set).
@@ -178,14 +194,25 @@ def build_shards_from_pairs(
         A :class:`BuildReport`; ``n_pairs == n_written + n_rejected``.
     """
     report = BuildReport()
+    tile_index = None if tiles is None else tiles_by_id(tiles)
     keyed: list[tuple[str, dict[str, Any]]] = []
-    for p in _pair_records(pairs):
+    for row in _pair_records(pairs):
         report.n_pairs += 1
         try:
-            keyed.append((sample_key(str(p["tile_id"]), str(p["sv_id"])), p))
+            key = sample_key(str(row["tile_id"]), str(row["sv_id"]))
         except ShardWriteError as exn:
             report.rejections.append(
-                Rejection("", str(p.get("sv_id")), str(p.get("tile_id")), "key", str(exn)))
+                Rejection("", str(row.get("sv_id")), str(row.get("tile_id")), "key", str(exn)))
+            continue
+        record = row
+        if tile_index is not None:
+            tile = tile_index.get(str(row["tile_id"]))
+            if tile is None:
+                report.rejections.append(Rejection(key, str(row["sv_id"]), str(row["tile_id"]), "tile",
+                                                   "missing: tile_id not in the tile table"))
+                continue
+            record = {**tile, **row}  # the pair's own columns win (split is in both)
+        keyed.append((key, record))
     keyed.sort(key=lambda kp: kp[0])
     chip_kw = {"bands": bands, "out_size": out_size, "max_nodata_fraction": max_nodata_fraction,
                "max_cloud_fraction": max_cloud_fraction}
@@ -299,7 +326,7 @@ class ChipPrefetcher:
 
     def get(self, tile_id: str) -> tuple[ChipResult, Mapping[str, Any] | None]:
         """The chip (and the item it came from) of the next tile; tiles must be asked for in order."""
-        if tile_id == self._current[0]:
+        if tile_id == self._current[0] and self._current[1] is not None:
             return self._current[1]
         future = self._futures.pop(tile_id, None)
         if future is None:
@@ -339,6 +366,7 @@ def _sv_for(p: Mapping[str, Any], fetch: Callable[[str], bytes], report: BuildRe
 
 def iter_items(items: Iterable[Mapping[str, Any]] | Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     """Index STAC items by id (accepts a FeatureCollection dict or an iterable of items)."""
-    if isinstance(items, Mapping) and "features" in items:
-        items = items["features"]
-    return {str(it["id"]): it for it in items}  # type: ignore[index]
+    features: Iterable[Mapping[str, Any]] = (
+        items["features"] if isinstance(items, Mapping) and "features" in items else items  # type: ignore[assignment]
+    )
+    return {str(it["id"]): it for it in features}

@@ -378,8 +378,8 @@ class ShardWriter:
             self._open_shard()
             self._first_key = key
         chunks: list[bytes] = []
-        for suffix, data in members:
-            data = bytes(data)
+        for suffix, member in members:
+            data = bytes(member)
             chunks.append(_member_header(f"{key}.{suffix}", len(data)))
             chunks.append(data)
             pad = (-len(data)) % _BLOCK

@@ -34,10 +34,6 @@ class StacSearchError(RuntimeError):
     """The catalog could not be searched (unreachable, HTTP error after retries, unreadable file)."""
 
 
-class EmptySearchError(StacSearchError):
-    """The search ran but found no usable item; the message says which parameters were used."""
-
-
 @dataclass(frozen=True)
 class SearchParams:
     """What to search for.
@@ -73,7 +69,10 @@ class SearchParams:
 
     def area(self):
         """The search area as a shapely geometry."""
-        return shape(self.intersects) if self.intersects is not None else box(*self.bbox)
+        if self.intersects is not None:
+            return shape(self.intersects)
+        assert self.bbox is not None  # __post_init__ requires one of the two
+        return box(*self.bbox)
 
     def describe(self) -> dict:
         """A JSON-friendly description (for logs and metadata)."""
@@ -98,15 +97,22 @@ def strip_sas_token(href: str) -> str:
 
 
 def unsign_item(item: dict) -> dict:
-    """Return a copy of an item dict whose asset and link hrefs carry no SAS token."""
-    out = json.loads(json.dumps(item))
-    for asset in out.get("assets", {}).values():
-        if "href" in asset:
-            asset["href"] = strip_sas_token(asset["href"])
-    for link in out.get("links", []):
-        if "href" in link:
-            link["href"] = strip_sas_token(link["href"])
-    return out
+    """Return a copy of an item dict in which no URL carries a SAS token.
+
+    Every URL anywhere in the item is cleaned (asset and link hrefs, nested ones such as
+    ``assets.*.alternate.*.href``, and URL-valued properties), not only the top-level hrefs.
+    """
+
+    def clean(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: clean(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [clean(v) for v in node]
+        if isinstance(node, str) and "?" in node and "://" in node:
+            return strip_sas_token(node)
+        return node
+
+    return clean(json.loads(json.dumps(item)))
 
 
 def item_epsg(item: dict) -> int | None:
@@ -200,6 +206,11 @@ def _iter_catalog_items(path: Path) -> Iterable[dict]:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise StacSearchError(f"{path} is not valid JSON: {exc}") from exc
+    yield from _iter_json_document(doc, path)
+
+
+def _iter_json_document(doc: Any, path: Path) -> Iterable[dict]:
+    """Items of one parsed JSON document: a list of items, an item, an item collection or a catalog/collection."""
     if isinstance(doc, list):  # a plain list of items (stac-geoparquet test data style)
         for item in doc:
             yield _absolutize(item, str(path))
@@ -290,7 +301,7 @@ def search_live(url: str, params: SearchParams, *, modifier: Callable[[Any], Non
                                   "max_items": params.max_items, "limit": params.limit, "method": "POST"}
         if params.intersects is not None:
             kwargs["intersects"] = params.intersects
-        else:
+        elif params.bbox is not None:
             kwargs["bbox"] = list(params.bbox)
         if params.max_cloud_cover is not None and client.conforms_to("QUERY"):
             kwargs["query"] = {"eo:cloud_cover": {"lte": params.max_cloud_cover}}
@@ -313,7 +324,8 @@ def validate_items(items: list[dict], required_assets: Iterable[str] = ()) -> tu
     An item needs a footprint, a datetime, a projection (``proj:epsg`` or ``proj:code``) and the required
     band assets.
     """
-    ok, rejects = [], []
+    ok: list[dict[str, Any]] = []
+    rejects: list[dict[str, Any]] = []
     required = list(required_assets)
     for it in items:
         reason = None

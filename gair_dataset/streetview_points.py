@@ -81,16 +81,16 @@ def load_table(path: str | Path, image_root: str | Path | None = None) -> pd.Dat
         raise ValueError(f"{path}: no longitude/latitude columns (looked for {_ALIASES['lon']} / {_ALIASES['lat']})")
     ids = _pick(df, "sv_id")
     uris = _pick(df, "image_uri")
+    heading = _pick(df, "heading")
+    captured_at = _pick(df, "captured_at")
     out = pd.DataFrame({
         "sv_id": ids.astype("string") if ids is not None else pd.Series(
             [f"row{i}" for i in range(len(df))], dtype="string"),
         "lon": pd.to_numeric(lon, errors="coerce").astype(float).to_numpy(),
         "lat": pd.to_numeric(lat, errors="coerce").astype(float).to_numpy(),
         "image_uri": [_resolve_uri(v, base) for v in uris] if uris is not None else None,
-        "heading": pd.to_numeric(_pick(df, "heading"), errors="coerce") if _pick(df, "heading") is not None
-        else np.nan,
-        "captured_at": _pick(df, "captured_at").astype("string") if _pick(df, "captured_at") is not None
-        else None,
+        "heading": pd.to_numeric(heading, errors="coerce") if heading is not None else np.nan,
+        "captured_at": captured_at.astype("string") if captured_at is not None else None,
     })
     return out[COLUMNS]
 

@@ -135,9 +135,7 @@ def run_benchmark(
     model = GAIRModel(cfg).to(dev).train()
     opt = build_optimizer(model, 1e-4, fused=True if dev.type == "cuda" else None)
     use_bf16 = dev.type == "cuda" and precision in ("auto", "bf16")
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else (lambda: contextlib.nullcontext())
-    )
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     step_model = torch.compile(model) if compile_model else model
 
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -150,7 +148,7 @@ def run_benchmark(
     queue.enqueue((torch.rand(queue_size, 2, generator=g, dtype=torch.float64) * span - span / 2).to(dev))
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         with autocast():
             out = step_model(rs, sv, lonlat, rel_xy, queue_lonlat=queue.coords())
         loss = out["losses"]["loss"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -18,7 +18,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     initialized_here: bool = False
 
     @property
@@ -59,7 +59,7 @@ def init_distributed(device: str = "auto", *, timeout_s: float = 1800.0) -> Dist
             backend="nccl" if use_cuda else "gloo",
             init_method="env://",
             timeout=timedelta(seconds=timeout_s),
-            **({"device_id": dev} if use_cuda else {}),
+            device_id=dev if use_cuda else None,
         )
         initialized_here = True
     if dist.is_initialized():
@@ -103,15 +103,6 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Broadcast a picklable object from ``src``."""
-    if not active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def barrier() -> None:

@@ -197,7 +197,8 @@ def export_shard_embeddings(loaded: LoadedModel, shards: str | os.PathLike[str] 
     """
     if batch_size < 1 or (max_samples is not None and max_samples < 1):
         raise ValueError("batch_size and max_samples must be >= 1")
-    shards = os.fspath(shards) if isinstance(shards, (str, os.PathLike)) else [os.fspath(s) for s in shards]
+    spec: str | list[str] = (os.fspath(shards) if isinstance(shards, (str, os.PathLike))
+                             else [os.fspath(s) for s in shards])
     e, d = loaded.config.embed_dim, loaded.model.rs_encoder.embed_dim
     dims = {"sv_emb": e, "rs_local_emb": e, "rs_global_emb": d, "loc_emb": e}
     schema = _schema([pa.field(n, t) for n, t in SHARD_SCALARS]
@@ -208,7 +209,7 @@ def export_shard_embeddings(loaded: LoadedModel, shards: str | os.PathLike[str] 
     def write(tmp: str) -> None:
         writer = _BufferedWriter(tmp, schema)
         try:
-            for batch in iter_eval_batches(loaded, shards, splits=splits, batch_size=batch_size):
+            for batch in iter_eval_batches(loaded, spec, splits=splits, batch_size=batch_size):
                 n = len(batch["key"]) if max_samples is None else min(len(batch["key"]), max_samples - progress.rows)
                 table = _shard_table(batch, embed_batch(loaded, batch), schema, n)
                 writer.write(table)
@@ -220,7 +221,7 @@ def export_shard_embeddings(loaded: LoadedModel, shards: str | os.PathLike[str] 
         finally:
             writer.close()
         if progress.rows == 0:
-            raise ValueError(f"no sample in {shards!r} for splits {list(splits) if splits else 'all'}")
+            raise ValueError(f"no sample in {spec!r} for splits {list(splits) if splits else 'all'}")
 
     t0 = time.perf_counter()
     atomic_write(out, write)
@@ -235,7 +236,7 @@ def export_shard_embeddings(loaded: LoadedModel, shards: str | os.PathLike[str] 
 # ----------------------------------------------------------------------------------------------------------------
 # points of a CSV
 # ----------------------------------------------------------------------------------------------------------------
-def _parse_point(row: dict[str, Any], lon_col: str, lat_col: str) -> tuple[float, float] | str:
+def _parse_point(row: dict[str | None, Any], lon_col: str, lat_col: str) -> tuple[float, float] | str:
     """``(lon, lat)`` of a CSV row, or why it is unusable."""
     if None in row:
         return f"{len(row) - 1 + len(row[None])} fields, more than the header"

@@ -112,6 +112,10 @@ class CoordinateQueue(nn.Module):
         size: Capacity (4096 by default).
     """
 
+    queue: torch.Tensor
+    ptr: torch.Tensor
+    count: torch.Tensor
+
     def __init__(self, size: int = 4096) -> None:
         super().__init__()
         self.size = int(size)

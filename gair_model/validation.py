@@ -37,14 +37,16 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from gair_model import distributed as gdist
 from gair_model.losses import CoordinateQueue, gair_loss
+
+if TYPE_CHECKING:
+    from gair_model.models.gair import GAIRModel
 
 log = logging.getLogger("gair_model.validation")
 
@@ -126,7 +128,7 @@ class Validator:
         tb: Optional TensorBoard ``SummaryWriter``.
     """
 
-    def __init__(self, model: nn.Module, queue: CoordinateQueue, make_loader: Callable[[], Any], *, every: int,
+    def __init__(self, model: GAIRModel, queue: CoordinateQueue, make_loader: Callable[[], Any], *, every: int,
                  batches: int, device: torch.device, out_dir: str | Path | None = None,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                  is_main: bool = True, world_size: int = 1, start_step: int = 0, tb: Any = None) -> None:
@@ -141,7 +143,7 @@ class Validator:
         self._warned_empty = False
         self._csv = Path(out_dir) / VAL_CSV if (out_dir is not None and is_main and self.enabled) else None
         if self._csv is not None:
-            self.records = self._restart_csv(start_step)
+            self.records = self._restart_csv(self._csv, start_step)
 
     @property
     def enabled(self) -> bool:
@@ -233,17 +235,18 @@ class Validator:
         return torch.tensor([float(losses[k]) * b for k in VAL_LOSS_KEYS] + [b], dtype=torch.float64,
                             device=self.device)
 
-    def _restart_csv(self, start_step: int) -> list[dict[str, Any]]:
-        """(Re)write ``val_metrics.csv`` keeping the rows up to ``start_step``; return them as records."""
+    @staticmethod
+    def _restart_csv(path: Path, start_step: int) -> list[dict[str, Any]]:
+        """(Re)write ``val_metrics.csv`` at ``path`` keeping the rows up to ``start_step``; return them as records."""
         rows: list[dict[str, Any]] = []
-        if start_step > 0 and self._csv.exists():
-            with open(self._csv, newline="") as fh:
+        if start_step > 0 and path.exists():
+            with open(path, newline="") as fh:
                 for r in csv.DictReader(fh):
                     if r.get("step") and int(r["step"]) <= start_step:
                         rows.append({"step": int(r["step"]), "n_samples": int(r["n_samples"]),
                                      **{f"val_{k}": float(r[f"val_{k}"]) for k in VAL_LOSS_KEYS}})
-        self._csv.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._csv, "w", newline="") as fh:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=VAL_CSV_FIELDS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
@@ -279,7 +282,7 @@ def _preserved_rng(device: torch.device):
         np.random.set_state(np_state)
 
 
-def build_validator(cfg: Any, model: nn.Module, queue: CoordinateQueue, shard_paths: Sequence[str], *,
+def build_validator(cfg: Any, model: GAIRModel, queue: CoordinateQueue, shard_paths: Sequence[str], *,
                     rs_stats: dict | None, device: torch.device, out_dir: Path, is_main: bool, world_size: int,
                     start_step: int = 0,
                     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,

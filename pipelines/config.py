@@ -4,6 +4,7 @@
 import json
 import os
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -15,19 +16,38 @@ from gair_dataset.geo import check_bbox, check_region_geometry
 from gair_dataset.stac_catalog import SearchParams
 from gair_dataset.tile_grid import GridConfig, SplitConfig
 
+#: The folder above the package: the checkout's root when running from a checkout (an installed wheel has none:
+#: bundled files are found with :func:`default_regions_file` and friends, never through this).
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_REGIONS_FILE = REPO_ROOT / "config" / "regions.yaml"
 SAMPLE_PREFIX = "sample://"
 
 
+def default_regions_file() -> Path:
+    """The default regions file: ``config/regions.yaml`` of the checkout, or the copy an installed wheel carries.
+
+    A wheel maps ``config/regions.yaml`` into ``pipelines/default_config/`` (``[tool.setuptools.package-dir]``
+    in ``pyproject.toml``), found with :mod:`importlib.resources`; a checkout has no such folder and reads its
+    top-level ``config/``.
+    """
+    packaged = Path(str(resources.files("pipelines"))) / "default_config" / "regions.yaml"
+    return packaged if packaged.is_file() else REPO_ROOT / "config" / "regions.yaml"
+
+
+DEFAULT_REGIONS_FILE = default_regions_file()
+
+
 def data_root() -> Path:
-    """The data root: ``$GAIR_DATA_ROOT`` or ``gair_data`` in the current directory."""
-    return Path(os.environ.get("GAIR_DATA_ROOT", "gair_data")).resolve()
+    """The default data root: ``$GAIR_DATA_ROOT`` or ``gair_data`` in the current directory, read when called.
+
+    Assets and resources take the data root from the ``DataRoot`` resource (``pipelines.common.storage``), whose
+    default this is; call this only outside a Dagster run (the demo CLI).
+    """
+    return Path(os.environ.get("GAIR_DATA_ROOT") or "gair_data").resolve()
 
 
 def regions_file() -> Path:
-    """The regions file: ``$GAIR_REGIONS`` or ``config/regions.yaml``."""
-    return Path(os.environ.get("GAIR_REGIONS", DEFAULT_REGIONS_FILE)).resolve()
+    """The regions file: ``$GAIR_REGIONS``, else :func:`default_regions_file`."""
+    return Path(os.environ.get("GAIR_REGIONS") or DEFAULT_REGIONS_FILE).resolve()
 
 
 @dataclass(frozen=True)
@@ -38,10 +58,20 @@ class StreetViewSource:
     path: str
     image_root: str | None = None
 
-    def resolve(self, base: Path) -> Path:
-        """Absolute path; ``sample://`` points into the embedded sample, relative paths to the config file."""
+    def resolve(self, base: Path, sample_dir: Path | None = None) -> Path:
+        """Absolute path; ``sample://`` points into the embedded sample, relative paths to the config file.
+
+        Args:
+            base: the folder of the regions file (relative paths resolve against it).
+            sample_dir: the embedded sample (``DataRoot.sample()``); required for a ``sample://`` path.
+
+        Raises:
+            ValueError: a ``sample://`` path without ``sample_dir``.
+        """
         if self.path.startswith(SAMPLE_PREFIX):
-            return data_root() / "sample" / self.path[len(SAMPLE_PREFIX):]
+            if sample_dir is None:
+                raise ValueError(f"{self.path}: a sample:// path needs the sample folder (DataRoot.sample())")
+            return Path(sample_dir) / self.path[len(SAMPLE_PREFIX):]
         p = Path(self.path)
         return p if p.is_absolute() else (base / p).resolve()
 
@@ -66,7 +96,7 @@ class RegionConfig:
     streetview: StreetViewSource
     max_points_per_tile: int | None = None
     description: str = ""
-    base_dir: Path = field(default=REPO_ROOT)
+    base_dir: Path = field(default_factory=Path.cwd)  # the regions file's folder (relative paths resolve there)
     geometry: dict | None = None  # GeoJSON (Multi)Polygon when the region is not a plain bbox; bbox = its bounds
 
     def area(self) -> shapely.Geometry:

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dagster_pipes import open_dagster_pipes
+from dagster_pipes import PipesMetadataValue, open_dagster_pipes
 
 METRICS_PREFIX = "GAIR_METRICS "
 VAL_PREFIX = "GAIR_VAL "
@@ -81,8 +81,9 @@ def main() -> int:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         tail: list[str] = []
-        for line in proc.stdout:
-            line = line.rstrip()
+        assert proc.stdout is not None  # stdout=PIPE
+        for raw in proc.stdout:
+            line = raw.rstrip()
             tail = (tail + [line])[-40:]
             if line.startswith(METRICS_PREFIX):
                 m = json.loads(line[len(METRICS_PREFIX):])
@@ -99,7 +100,7 @@ def main() -> int:
             pipes.log.error(f"trainer failed (exit {code}); last lines:\n" + "\n".join(tail))
             return code
         summary = json.loads((out_dir / "summary.json").read_text())
-        metadata = {
+        metadata: dict[str, PipesMetadataValue] = {
             "steps": {"raw_value": int(summary.get("steps", 0)), "type": "int"},
             "final_loss": {"raw_value": float(summary.get("final_loss", float("nan"))), "type": "float"},
             "checkpoint": {"raw_value": str(summary.get("checkpoint", "")), "type": "path"},

@@ -16,7 +16,7 @@ def shared_path(*parts: str) -> Path:
     return p
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The ../shared/data folder (skips when absent)."""
+    """The real public data staged next to the repository (``../shared/data``; skips when absent)."""
     return shared_path()

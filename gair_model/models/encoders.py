@@ -15,9 +15,11 @@ import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, cast
 
 import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.nn import functional as F
 
@@ -103,7 +105,8 @@ def load_local_weights(
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
             if key.endswith("pos_embed") and value.ndim == 3:
-                value = _resample_pos_embed(value, own[key], getattr(module, "num_prefix_tokens", 0))
+                # The resampled position embedding replaces the loaded one.
+                value = _resample_pos_embed(value, own[key], getattr(module, "num_prefix_tokens", 0))  # noqa: PLW2901
             if own[key].shape != value.shape:
                 logger.warning("skipping %s: shape %s != %s", key, tuple(value.shape), tuple(own[key].shape))
                 continue
@@ -120,12 +123,14 @@ def load_local_weights(
 
 
 def _build_vit(arch: str, img_size: int, patch_size: int, in_chans: int, drop_path_rate: float,
-               weights: str | Path | None, weights_prefix: str, **timm_kwargs: object) -> nn.Module:
+               weights: str | Path | None, weights_prefix: str, **timm_kwargs: Any) -> VisionTransformer:
     """A randomly initialised timm ViT (never downloaded), then the local weights file if one is given."""
     if img_size % patch_size:
         raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-    vit = timm.create_model(_arch_name(arch), pretrained=False, img_size=img_size, patch_size=patch_size,
-                            in_chans=in_chans, num_classes=0, drop_path_rate=drop_path_rate, **timm_kwargs)
+    # create_model is typed as returning nn.Module; the callers pass ViT architectures (VIT_ARCHS or vit_* names).
+    model = timm.create_model(_arch_name(arch), pretrained=False, img_size=img_size, patch_size=patch_size,
+                              in_chans=in_chans, num_classes=0, drop_path_rate=drop_path_rate, **timm_kwargs)
+    vit = cast(VisionTransformer, model)
     if weights:
         load_local_weights(vit, weights, prefix=weights_prefix)
     return vit

@@ -63,6 +63,8 @@ class GaussianFourierFeatures(nn.Module):
         seed: Seed of the frequency draw (fixed, reproducible, saved as a buffer).
     """
 
+    freqs: torch.Tensor
+
     def __init__(self, in_dim: int = 2, n_freqs: int = 256, sigma: float = 1.0, seed: int = 0) -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
@@ -118,10 +120,12 @@ class GeoCLIPLocationEncoder(nn.Module):
     def forward(self, lonlat: torch.Tensor) -> torch.Tensor:
         """Encode ``B x 2`` (lon, lat) degrees to ``B x embed_dim``."""
         v = geoclip_normalise(lonlat.float())
-        out = None
+        out: torch.Tensor | None = None
         for rff, mlp, head in zip(self.rff, self.branches, self.heads, strict=True):
             branch = head(mlp(rff(v)))
             out = branch if out is None else out + branch
+        if out is None:
+            raise ValueError("GeoCLIPLocationEncoder has no RFF branch (empty sigmas)")
         return out
 
 

@@ -8,9 +8,9 @@ import dagster as dg
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import shapely  # noqa: E402
-from shapely.geometry import box  # noqa: E402
+import matplotlib.pyplot as plt
+import shapely
+from shapely.geometry import box
 
 
 def figure_md(fig, alt: str = "preview") -> dg.MetadataValue:

@@ -1,4 +1,4 @@
-"""Fixtures for gair_dataset tests: real shared data and a local HTTP server with Range support."""
+"""Fixtures for gair_dataset tests: a local HTTP server with Range support (``shared_data`` is in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,6 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The real public data staged next to the repository (``../shared/data``)."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real test data not found at {SHARED_DATA.resolve()} (../shared/data next to the repo)")
-    return SHARED_DATA.resolve()
 
 
 @dataclass

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import rasterio
 from rasterio.warp import transform_bounds
@@ -153,3 +155,40 @@ def test_pairs_to_shards_with_failures(patches: list[Path], shared_data: Path, t
         ref = src.read([S2_IDX[b] + 1 for b in S2_L2A_BANDS], window=((10, 74), (10, 74))).astype(np.int32)
     np.testing.assert_array_equal(rs, np.clip(ref - 1000, 0, None))
     assert sv == (photos / "01.jpg").read_bytes()
+
+
+TILE_COLUMNS = ("grid", "tile_crs", "tile_minx", "tile_miny", "tile_maxx", "tile_maxy", "tile_width", "tile_height",
+                "lon_min", "lat_max", "lon_max", "lat_min", "item_ids", "collection")
+
+
+def test_slim_pairs_joined_with_tiles_give_the_same_shards(patches: list[Path], shared_data: Path,
+                                                           tmp_path: Path) -> None:
+    """The pairs table carries only the point, tile_id, offsets, split, region: the tile comes from tiles.parquet."""
+    photos = shared_data / "streetview" / "exif_photos" / "lund"
+    items = iter_items([_item("itemA", patches[0]), _item("itemB", patches[1])])
+    full = [
+        _pair("sv01", "tA", patches[0], 10, 10, str(photos / "01.jpg"), ["itemA"]),
+        _pair("sv02", "tA", patches[0], 10, 10, str(photos / "02.jpg"), ["itemA"], x=0.9, y=0.1),
+        _pair("sv03", "tB", patches[1], 50, 60, str(photos / "04.jpg"), ["itemB"], split="test"),
+    ]
+    tiles = pd.DataFrame([{"tile_id": p["tile_id"], **{c: p[c] for c in TILE_COLUMNS}, "split": p["split"],
+                           "n_items": 1, "block_id": "b0", "geometry": b"\x00"} for p in full])
+    tiles = tiles.drop_duplicates("tile_id")
+    slim_rows = [{k: v for k, v in p.items() if k not in TILE_COLUMNS} for p in full]
+    slim = pd.DataFrame([*slim_rows, {**slim_rows[0], "sv_id": "sv04", "tile_id": "tNowhere"}])  # its tile is missing
+    assert not set(TILE_COLUMNS) & set(slim.columns)
+
+    want = build_shards_from_pairs(full, items, tmp_path / "full", name="t", fsync=False)
+    got = build_shards_from_pairs(slim, items, tmp_path / "slim", tiles=tiles, name="t", fsync=False)
+    assert want.n_written == got.n_written == 3 and got.n_pairs == 4 == got.n_written + got.n_rejected
+    assert [(r.sv_id, r.stage) for r in got.rejections] == [("sv04", "tile")]
+    assert got.rejections[0].reason.startswith("missing")
+    # Same chips, same JSON, byte for byte: the join restores every field the sample needs.
+    assert [Path(p).read_bytes() for p in got.shards.paths] == [Path(p).read_bytes() for p in want.shards.paths]
+    with tarfile.open(got.shards.paths[0]) as tf:
+        meta = json.loads(tf.extractfile("tB_sv03.json").read())
+    tile_b = tiles.set_index("tile_id").loc["tB"]
+    assert meta["crs"] == tile_b["tile_crs"] and meta["grid"] == "utm" and meta["item_ids"] == ["itemB"]
+    assert meta["bbox"] == [tile_b["lon_min"], tile_b["lat_max"], tile_b["lon_max"], tile_b["lat_min"]]
+    assert (meta["split"], meta["region"], meta["col"], meta["row"]) == ("test", "test", full[2]["col"],
+                                                                         full[2]["row"])

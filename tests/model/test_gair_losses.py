@@ -17,8 +17,30 @@ from gair_model.losses import (
 torch.set_num_threads(1)
 
 
-def test_temperature_fixed():
+def test_logits_are_cosines_over_the_fixed_temperature():
+    """Closed-form losses: cross-entropy of cosine / 0.07, whatever the embeddings' scale."""
     assert TEMPERATURE == 0.07
+    q = torch.tensor([[1.0, 0.0]])
+    keys = torch.tensor([[0.6, 0.8], [1.0, 0.0]])  # cosine 0.6 with the positive (row 0), 1.0 with the negative
+    expected = math.log1p(math.exp((1.0 - 0.6) / 0.07))
+    assert info_nce(q, keys).item() == pytest.approx(expected, rel=1e-5)
+    assert info_nce(5 * q, 3 * keys).item() == pytest.approx(expected, rel=1e-5)
+    assert info_nce(q, keys, temperature=1.0).item() == pytest.approx(math.log1p(math.exp(0.4)), rel=1e-5)
+    # A mismatched target: the "negative" row becomes the positive.
+    assert info_nce(q, keys, targets=torch.tensor([1])).item() == pytest.approx(
+        math.log1p(math.exp(-0.4 / 0.07)), rel=1e-4)
+
+    # Each row of a/b has cosine 0.6 with its positive and 0.8 with the other row, in both directions.
+    a = torch.eye(2)
+    b = torch.tensor([[0.6, 0.8], [0.8, 0.6]])
+    term = math.log1p(math.exp((0.8 - 0.6) / 0.07))
+    a_b, b_a = symmetric_info_nce(a, b)
+    assert a_b.item() == pytest.approx(term, rel=1e-5) and b_a.item() == pytest.approx(term, rel=1e-5)
+    out = gair_loss(a, b, b)  # rs -> loc: cosine 1 with itself, 0.96 with the other row
+    rs_loc = math.log1p(math.exp((0.96 - 1.0) / 0.07))
+    assert out["sv_loc"].item() == pytest.approx(term, rel=1e-5)
+    assert out["rs_loc"].item() == pytest.approx(rs_loc, rel=1e-5)
+    assert out["loss"].item() == pytest.approx((3 * term + rs_loc) / 2, rel=1e-5)
 
 
 def test_perfect_alignment_is_near_zero():

@@ -1,4 +1,4 @@
-"""DuckDB pairing (grid arithmetic + exact check) against a geopandas sjoin oracle."""
+"""DuckDB pairing (grid arithmetic + exact check) against a geopandas sjoin oracle; the slim pairs schema."""
 
 import hashlib
 import tempfile
@@ -11,7 +11,7 @@ import pytest
 from shapely.geometry import box
 
 from gair_dataset.geo import transformer, xyz_tile_lonlat_bounds, xyz_tile_of
-from gair_dataset.pairing import assign_points, connect, pair_points
+from gair_dataset.pairing import PAIRS_COLUMNS, assign_points, connect, pair_points
 from gair_dataset.tile_grid import GridConfig, SplitConfig, build_tiles
 
 
@@ -64,7 +64,27 @@ def _run(tmp_path, points, tiles, **kw):
     tiles.to_parquet(tmp_path / "tiles.parquet")
     res = pair_points(tmp_path / "points.parquet", tmp_path / "tiles.parquet", tmp_path / "pairs.parquet",
                       unpaired_path=tmp_path / "unpaired.parquet", **kw)
-    return res, gpd.read_parquet(tmp_path / "pairs.parquet").sort_values("sv_id").reset_index(drop=True)
+    got = gpd.read_parquet(tmp_path / "pairs.parquet")
+    # Slim: the point's columns, tile_id, the offset, split, region and geometry; no tile attribute is repeated.
+    assert tuple(got.columns) == PAIRS_COLUMNS
+    assert got.crs == "OGC:CRS84" and (got.geometry.x == got.lon).all() and (got.geometry.y == got.lat).all()
+    return res, got.sort_values("sv_id").reset_index(drop=True)
+
+
+def _check_unpaired(unpaired: pd.DataFrame, points: pd.DataFrame, paired: pd.DataFrame) -> None:
+    """unpaired.parquet: exactly the points the oracle pairs with no tile, with the points' columns, in input order."""
+    want = points[~points.sv_id.isin(paired.sv_id)].reset_index(drop=True)
+    assert list(unpaired.columns) == list(points.columns) and unpaired.captured_at.isna().all()  # all-null here
+    pd.testing.assert_frame_equal(unpaired.drop(columns="captured_at"), want.drop(columns="captured_at"))
+
+
+def _with_tiles(pairs: pd.DataFrame, tiles: pd.DataFrame) -> pd.DataFrame:
+    """The pairs joined with their tile's attributes by tile_id (every pair has its tile)."""
+    joined = pairs.merge(pd.DataFrame(tiles.drop(columns="geometry")), on="tile_id", how="left",
+                         suffixes=("", "_tile"), validate="many_to_one")
+    assert joined["tile_crs"].notna().all()
+    assert (joined["split"] == joined["split_tile"]).all()  # the pair's split is its tile's
+    return joined
 
 
 def _compare(got, want):
@@ -103,7 +123,14 @@ def test_xyz_random_edges_corners_outside(tmp_path):
     assert (got.tile_id == [f"z{zoom}-{a}-{b}" for a, b in zip(tx, ty, strict=True)]).all()
     unpaired = pd.read_parquet(tmp_path / "unpaired.parquet")
     assert len(unpaired) == res.outside and not set(unpaired.sv_id) & set(got.sv_id)
+    _check_unpaired(unpaired, pts, want)  # holes (a cell without a tile) and far outside the grid's extent
     assert assign_points(tmp_path / "points.parquet", tmp_path / "tiles.parquet") == res.paired
+    # Joined with the tile table by tile_id: every point lies in its tile's bbox; pixels from the tile's size.
+    joined = _with_tiles(got, tiles)
+    assert joined.lon.between(joined.lon_min, joined.lon_max).all() and joined.lat.between(joined.lat_min,
+                                                                                           joined.lat_max).all()
+    assert (joined["col"] == np.minimum(np.floor(joined.x * joined.tile_width), joined.tile_width - 1)).all()
+    assert (joined["row"] == np.minimum(np.floor(joined.y * joined.tile_height), joined.tile_height - 1)).all()
 
 
 def test_pixel_and_bbox_fields(tmp_path):
@@ -112,9 +139,9 @@ def test_pixel_and_bbox_fields(tmp_path):
     tx, ty = (int(v) for v in tiles.tile_id.iloc[0].split("-")[1:])
     lon0, lat0, lon1, lat1 = xyz_tile_lonlat_bounds(tx, ty, 14)
     pts = _points(np.array([lon0, lon0 + (lon1 - lon0) * 0.25]), np.array([lat1, lat1 - (lat1 - lat0) * 0.5]))
-    _, got = _run(tmp_path, pts, tiles)
-    assert got.tile_id.tolist() == [f"z14-{tx}-{ty}"] * 2
-    first, second = got.iloc[0], got.iloc[1]
+    _, got = _run(tmp_path, pts, tiles, region="lund")
+    assert got.tile_id.tolist() == [f"z14-{tx}-{ty}"] * 2 and got.region.tolist() == ["lund"] * 2
+    first, second = _with_tiles(got, tiles).iloc[0], _with_tiles(got, tiles).iloc[1]
     assert (first.x, first.y, first.col, first.row) == (0.0, 0.0, 0, 0)  # the tile's own NW corner
     assert second.col == 24 and abs(second.x - 0.25) < 1e-12 and 0.45 < second.y < 0.55
     assert [first.lon_min, first.lat_max, first.lon_max, first.lat_min] == pytest.approx([lon0, lat1, lon1, lat0])
@@ -134,9 +161,11 @@ def test_two_utm_zones_each_point_once(tmp_path):
     want = _oracle(pts, tiles)
     _compare(got, want)
     assert got.sv_id.is_unique
-    overlap = got[(got.lon > 11.85) & (got.lon < 12.15)]
+    overlap = _with_tiles(got, tiles)
+    overlap = overlap[(overlap.lon > 11.85) & (overlap.lon < 12.15)]
     assert set(overlap.tile_crs) == {"EPSG:32632", "EPSG:32633"}  # the most central tile wins, either zone
     assert res.paired + res.outside == len(pts)
+    _check_unpaired(pd.read_parquet(tmp_path / "unpaired.parquet"), pts, want)  # the several-grid path
     # The assignment alone (what the benchmark times) takes the same multi-grid path.
     con = connect()
     assert assign_points(tmp_path / "points.parquet", tmp_path / "tiles.parquet", con=con) == res.paired
@@ -150,7 +179,7 @@ def test_cap_points_per_tile_is_deterministic(tmp_path):
     rng = np.random.default_rng(2)
     pts = _points(rng.uniform(13.1, 13.3, 2000), rng.uniform(55.65, 55.75, 2000))
     res1, a = _run(tmp_path, pts, tiles, max_points_per_tile=5)
-    res2, b = _run(tmp_path, pts, tiles, max_points_per_tile=5)
+    _, b = _run(tmp_path, pts, tiles, max_points_per_tile=5)
     assert a.groupby("tile_id").size().max() == 5
     assert a.sv_id.tolist() == b.sv_id.tolist()
     assert res1.capped > 0 and res1.paired + res1.capped + res1.outside == len(pts)

@@ -28,6 +28,20 @@ def data_root(tmp_path_factory):
         os.environ["GAIR_DATA_ROOT"] = old
 
 
+@pytest.fixture(scope="module")
+def built(data_root):
+    """The sample region built once in the module's data root, for every test that needs its outputs."""
+    from pipelines.definitions import defs
+
+    instance = dg.DagsterInstance.ephemeral()
+    result = defs.resolve_job_def("build_dataset").execute_in_process(partition_key="sample-pontoise",
+                                                                      instance=instance)
+    assert result.success
+    shard_dir = data_root / "shards" / "sample-pontoise"
+    hashes = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(shard_dir.glob("*.tar"))}
+    return {"result": result, "instance": instance, "shard_hashes": hashes}
+
+
 def test_definitions_load():
     from pipelines.definitions import defs
 
@@ -57,23 +71,23 @@ def test_refresh_schedule_has_deterministic_run_keys():
 
 
 @pytest.mark.slow
-def test_build_dataset_on_the_sample_region(data_root):
+def test_build_dataset_on_the_sample_region(data_root, built):
     from pipelines.common.storage import DataRoot
     from pipelines.definitions import defs
     from pipelines.defs.reports.assets import build_summary
 
-    instance = dg.DagsterInstance.ephemeral()
-    result = defs.resolve_job_def("build_dataset").execute_in_process(partition_key="sample-pontoise",
-                                                                      instance=instance)
-    assert result.success
+    result, instance = built["result"], built["instance"]
     evals = result.get_asset_check_evaluations()
     assert {e.check_name for e in evals} >= {"items_found", "pairs_inside_tile_bbox", "no_point_in_two_tiles",
                                             "offsets_in_range_and_spread", "manifest_matches_samples",
                                             "shards_readable_and_complete"}
     assert all(e.passed for e in evals)
     shard_dir = data_root / "shards" / "sample-pontoise"
-    first_hashes = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(shard_dir.glob("*.tar"))}
-    assert first_hashes and not (shard_dir / ".staging").exists() or not list((shard_dir / ".staging").iterdir())
+    first_hashes = built["shard_hashes"]
+    assert first_hashes
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(shard_dir.glob("*.tar"))} == first_hashes
+    staging = shard_dir / ".staging"
+    assert not staging.exists() or not any(staging.iterdir())  # nothing left half-written
 
     pairs = gpd.read_parquet(data_root / "pairs" / "sample-pontoise" / "pairs.parquet")
     assert len(pairs) > 1000 and pairs.sv_id.is_unique
@@ -118,7 +132,7 @@ def test_empty_search_fails_with_a_clear_error(data_root, tmp_path):
         "    streetview: {kind: table, path: 'sample://streetview/sample-lund/points.parquet'}\n")
     env = {**os.environ, "GAIR_REGIONS": str(regions), "GAIR_DATA_ROOT": str(data_root),
            "DAGSTER_HOME": str(tmp_path / "home")}
-    proc = subprocess.run([sys.executable, "-m", "pipelines.demo"], cwd=REPO, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "pipelines.demo"], check=False, cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 1
     assert "no usable item for region nowhere" in proc.stdout + proc.stderr
@@ -135,24 +149,24 @@ def test_bad_region_config_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="letters, digits"):
         load_regions(bad)
     bad.write_text("regions:\n  x:\n    bbox: [9, 50, 10, 51]\n    streetview: {kind: ftp, path: p}\n")
-    with pytest.raises(ValueError, match="streetview.kind"):
+    with pytest.raises(ValueError, match=r"streetview\.kind"):
         load_regions(bad)
 
 
 @pytest.mark.slow
 def test_dg_check_defs():
     dg_exe = Path(sys.executable).parent / "dg"
-    proc = subprocess.run([str(dg_exe), "check", "defs"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([str(dg_exe), "check", "defs"], check=False, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
-def test_training_asset_through_pipes(data_root):
-    """Runs after test_build_dataset_on_the_sample_region (same module data root, shards present)."""
+def test_training_asset_through_pipes(data_root, built):
+    """Trains on the shards of the module's sample build (whatever the order the tests run in)."""
     from pipelines.definitions import defs
 
-    if not (data_root / "shards" / "sample-pontoise" / "shards.json").exists():
-        pytest.skip("needs the shards of test_build_dataset_on_the_sample_region")
+    assert (data_root / "shards" / "sample-pontoise" / "shards.json").exists()
     cfg = {"ops": {"gair_model_checkpoint": {"config": {"steps": 3, "batch_size": 8, "warmup_steps": 1,
                                                         "max_minutes": 5.0}}}}
     result = defs.resolve_job_def("train_model").execute_in_process(instance=dg.DagsterInstance.ephemeral(),
@@ -187,7 +201,8 @@ def test_region_polygon_through_dg_launch(data_root, tmp_path):
            "DAGSTER_HOME": str(tmp_path / "home")}
     (tmp_path / "home").mkdir()
     proc = subprocess.run([str(Path(sys.executable).parent / "dg"), "launch", "--assets", "stac_items,tile_grid",
-                           "--partition", "lund-l"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                           "--partition", "lund-l"], check=False, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     tiles = gpd.read_parquet(data_root / "tiles" / "lund-l" / "tiles.parquet")
     assert len(tiles) > 0 and tiles.geometry.intersects(l_shape).all()

@@ -30,6 +30,7 @@ def _same_search(r1, r2):
     b1, b2 = json.loads(r1.body or b"{}"), json.loads(r2.body or b"{}")
     keys = ("collections", "bbox", "intersects", "datetime", "token")
     assert {k: b1.get(k) for k in keys} == {k: b2.get(k) for k in keys}
+    return True
 
 
 def _replay(path):

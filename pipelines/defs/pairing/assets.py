@@ -2,7 +2,6 @@
 
 
 import dagster as dg
-import geopandas as gpd
 import pandas as pd
 
 from gair_dataset.pairing import offset_spread, pair_points
@@ -18,7 +17,10 @@ from pipelines.partitions import region_of, region_partitions
           kinds={"duckdb", "geoparquet"})
 def pairs(context: dg.AssetExecutionContext, duckdb_engine: DuckDBEngine,
           data_root: DataRoot) -> dg.MaterializeResult:
-    """One row per SV point inside a tile: relative position (x, y), pixel row/col, tile bbox, split."""
+    """One row per SV point inside a tile: the point, its tile_id, relative position (x, y), pixel col/row, split.
+
+    Slim: the tile's other attributes (CRS, bounds, bbox, item_ids...) stay in tiles.parquet, joined by tile_id.
+    """
     region = region_of(context)
     out_dir = data_root.stage_dir("pairs", region.name)
     con = duckdb_engine.connect()
@@ -54,17 +56,25 @@ def pairs(context: dg.AssetExecutionContext, duckdb_engine: DuckDBEngine,
     })
 
 
-def _pairs(data_root: DataRoot, region: str) -> gpd.GeoDataFrame:
-    return gpd.read_parquet(data_root.stage_dir("pairs", region) / "pairs.parquet")
+def _pairs_with_tiles(data_root: DataRoot, region: str, columns: list[str], tile_columns: list[str]) -> pd.DataFrame:
+    """``columns`` of the pairs joined by ``tile_id`` with ``tile_columns`` of the tiles (NaN: tile not found)."""
+    df = pd.read_parquet(data_root.stage_dir("pairs", region) / "pairs.parquet", columns=[*columns, "tile_id"])
+    tiles = pd.read_parquet(data_root.stage_dir("tiles", region) / "tiles.parquet", columns=["tile_id", *tile_columns])
+    return df.merge(tiles.drop_duplicates("tile_id"), on="tile_id", how="left")
 
 
 @dg.asset_check(asset=pairs, blocking=True, description="Every pair's point lies inside its tile's bbox")
 def pairs_inside_tile_bbox(context: dg.AssetCheckExecutionContext, data_root: DataRoot) -> dg.AssetCheckResult:
-    """Point within ``[lon_min, lon_max] x [lat_min, lat_max]`` of its tile (1e-9 degree tolerance)."""
-    df = _pairs(data_root, context.partition_key)
+    """Point within ``[lon_min, lon_max] x [lat_min, lat_max]`` of its tile (1e-9 degree tolerance).
+
+    The bbox comes from tiles.parquet (joined by ``tile_id``); a pair whose tile is not there counts as outside.
+    """
+    df = _pairs_with_tiles(data_root, context.partition_key, ["sv_id", "lon", "lat"],
+                           ["lon_min", "lat_max", "lon_max", "lat_min"])
     tol = 1e-9
-    bad = df[(df.lon < df.lon_min - tol) | (df.lon > df.lon_max + tol)
-             | (df.lat < df.lat_min - tol) | (df.lat > df.lat_max + tol)]
+    inside = ((df.lon >= df.lon_min - tol) & (df.lon <= df.lon_max + tol)
+              & (df.lat >= df.lat_min - tol) & (df.lat <= df.lat_max + tol))
+    bad = df[~inside]
     return dg.AssetCheckResult(passed=bad.empty, metadata={"num_outside": len(bad),
                                                            "examples": bad["sv_id"].head(10).tolist()})
 
@@ -85,10 +95,11 @@ def offsets_in_range_and_spread(context: dg.AssetCheckExecutionContext,
                                 data_root: DataRoot) -> dg.AssetCheckResult:
     """x, y in [0, 1); std of each at least 0.15 (uniform is 0.29) and at least 3/4 of 4x4 cells occupied.
 
-    The spread rules apply from 50 pairs on (fewer points cannot show a spread).
+    The spread rules apply from 50 pairs on (fewer points cannot show a spread). ``col, row`` are checked against
+    the tile's size in tiles.parquet (joined by ``tile_id``; a pair whose tile is not there is out of range).
     """
-    df = pd.read_parquet(data_root.stage_dir("pairs", context.partition_key) / "pairs.parquet",
-                         columns=["x", "y", "col", "row", "tile_width", "tile_height"])
+    df = _pairs_with_tiles(data_root, context.partition_key, ["x", "y", "col", "row"],
+                           ["tile_width", "tile_height"])
     in_range = bool(((df.x >= 0) & (df.x < 1) & (df.y >= 0) & (df.y < 1)).all()
                     and ((df.col >= 0) & (df.col < df.tile_width) & (df.row >= 0) & (df.row < df.tile_height)).all())
     spread = offset_spread(df)

@@ -4,6 +4,7 @@
 import json
 import os
 from datetime import UTC, datetime
+from typing import Any
 
 import dagster as dg
 
@@ -18,7 +19,7 @@ STAGES = ("stac", "tiles", "streetview", "pairs", "shards")
 
 def build_summary(data_root: DataRoot) -> dict:
     """Collect every stage's per-region stats (stages not run yet are omitted)."""
-    regions = {}
+    regions: dict[str, dict[str, Any]] = {}
     for name, cfg in REGIONS.items():
         per_stage = {s: st for s in STAGES if (st := data_root.read_stats(s, name)) is not None}
         if per_stage:

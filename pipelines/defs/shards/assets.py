@@ -18,7 +18,7 @@ from pipelines.common.plots import figure_md, plt
 from pipelines.common.storage import DataRoot
 from pipelines.defs.pairing.assets import pairs
 from pipelines.defs.shards.resources import RasterAccess
-from pipelines.defs.stac.assets import stac_items
+from pipelines.defs.stac.assets import stac_items, tile_grid
 from pipelines.partitions import region_of, region_partitions
 
 
@@ -37,20 +37,22 @@ def shard_dir(data_root: DataRoot, region: str) -> Path:
     return data_root.stage_dir("shards", region)
 
 
-@dg.asset(partitions_def=region_partitions, group_name="shards", deps=[pairs, stac_items],
+@dg.asset(partitions_def=region_partitions, group_name="shards", deps=[pairs, tile_grid, stac_items],
           kinds={"webdataset"})
 def shards(context: dg.AssetExecutionContext, config: ShardsConfig, raster_access: RasterAccess,
            data_root: DataRoot) -> dg.MaterializeResult:
     """Training-ready WebDataset shards (rs.npy, sv.jpg, json per sample) + manifest, for one region."""
     region = region_of(context)
     pairs_df = pd.read_parquet(data_root.stage_dir("pairs", region.name) / "pairs.parquet")
+    # The pairs table is slim: each pair's tile attributes (window, CRS, bbox, item_ids...) come from the tiles.
+    tiles_df = pd.read_parquet(data_root.stage_dir("tiles", region.name) / "tiles.parquet")
     items = iter_items(read_items(data_root.stage_dir("stac", region.name)))
     synthetic = any(it.get("properties", {}).get("gair:synthetic") for it in items.values())
     out = shard_dir(data_root, region.name)
     context.log.info("building shards for %d pairs over %d tiles into %s", len(pairs_df),
                      pairs_df["tile_id"].nunique(), out)
     report = build_shards_from_pairs(
-        pairs_df, items, out, name=region.name, samples_per_shard=config.samples_per_shard,
+        pairs_df, items, out, tiles=tiles_df, name=region.name, samples_per_shard=config.samples_per_shard,
         out_size=region.grid.tile_px, signer=raster_access.signer(), gdal_env=raster_access.gdal_env(),
         max_nodata_fraction=config.max_nodata_fraction, max_cloud_fraction=config.max_cloud_fraction,
         sv_max_side=config.sv_max_side, synthetic=synthetic, chip_workers=config.chip_workers)
@@ -60,25 +62,28 @@ def shards(context: dg.AssetExecutionContext, config: ShardsConfig, raster_acces
     if report.n_written == 0:
         raise dg.Failure(f"no sample written for {region.name}: {report.n_rejected} pairs rejected",
                          metadata={"rejected_by_reason": dg.MetadataValue.json(by_reason)})
-    total_bytes = sum(s.bytes for s in report.shards.shards)
+    shard_set = report.shards
+    if shard_set is None:  # samples were written, so the writer closed a shard set
+        raise dg.Failure(f"shard writer for {region.name} reported no shard set")
+    total_bytes = sum(s.bytes for s in shard_set.shards)
     splits = {str(k): int(v) for k, v in
               pd.read_parquet(out / MANIFEST_NAME, columns=["split"])["split"].value_counts().items()}
     stats = {"pairs": report.n_pairs, "samples": report.n_written, "rejected": report.n_rejected,
-             "rejected_by_reason": by_reason, "shards": len(report.shards.shards), "bytes": total_bytes,
+             "rejected_by_reason": by_reason, "shards": len(shard_set.shards), "bytes": total_bytes,
              "splits": splits, "chip_reads": report.n_chip_reads, "sv_reencoded": report.n_reencoded_sv,
              "panorama_crops": report.n_panorama_crops, "path": str(out)}
     data_root.write_stats("shards", region.name, stats)
     context.log.info("%d samples in %d shards (%.1f MB), %d rejected %s", report.n_written,
-                     len(report.shards.shards), total_bytes / 1e6, report.n_rejected, by_reason)
+                     len(shard_set.shards), total_bytes / 1e6, report.n_rejected, by_reason)
     return dg.MaterializeResult(metadata={
         "num_samples": report.n_written,
         "num_rejected": report.n_rejected,
         "rejected_by_reason": dg.MetadataValue.json(by_reason),
-        "num_shards": len(report.shards.shards),
+        "num_shards": len(shard_set.shards),
         "bytes": total_bytes,
         "splits": dg.MetadataValue.json(splits),
         "path": dg.MetadataValue.path(str(out)),
-        "preview": preview(report.shards.paths[0]),
+        "preview": preview(shard_set.paths[0]),
     })
 
 

@@ -1,10 +1,14 @@
 """STAC discovery and the tile grid, per region partition."""
 
 
+import json
+from urllib.parse import parse_qsl, urlsplit
+
 import dagster as dg
 import geopandas as gpd
 import pandas as pd
 
+from gair_dataset.signing import TOKEN_PARAMS
 from gair_dataset.stac_catalog import (
     StacSearchError,
     items_to_geodataframe,
@@ -32,7 +36,7 @@ def stac_items(context: dg.AssetExecutionContext, stac: StacCatalog, data_root: 
     params = region.search_params()
     context.log.info("searching %s: %s", stac.describe(), params.describe())
     try:
-        items = stac.search(params)
+        items = stac.search(params, data_root)
     except StacSearchError as exc:
         raise dg.Failure(description=f"STAC search failed for region {region.name}: {exc}",
                          metadata={"search": dg.MetadataValue.json(params.describe())}) from exc
@@ -49,9 +53,9 @@ def stac_items(context: dg.AssetExecutionContext, stac: StacCatalog, data_root: 
     out = data_root.stage_dir("stac", region.name)
     json_path, pq_path = write_items(ok, out)
     gdf = items_to_geodataframe(ok)
+    dates = sorted({d.date().isoformat() for d in gdf["datetime"]})
     stats = {"items": len(ok), "rejected": len(rejects), "synthetic": bool(gdf["synthetic"].any()),
-             "dates": sorted({d.date().isoformat() for d in gdf["datetime"]}),
-             "catalog": stac.describe()}
+             "dates": dates, "catalog": stac.describe()}
     data_root.write_stats("stac", region.name, stats)
     context.log.info("%d items kept, %d rejected", len(ok), len(rejects))
     return dg.MaterializeResult(metadata={
@@ -60,8 +64,8 @@ def stac_items(context: dg.AssetExecutionContext, stac: StacCatalog, data_root: 
         "rejects": dg.MetadataValue.json(rejects[:50]),
         "search_params": dg.MetadataValue.json(params.describe()),
         "catalog": stac.describe(),
-        "synthetic": stats["synthetic"],
-        "dates": ", ".join(stats["dates"]),
+        "synthetic": bool(stats["synthetic"]),
+        "dates": ", ".join(dates),
         "cloud_cover_max": float(gdf["cloud_cover"].max()),
         "items_table": dg.MetadataValue.md(gdf.drop(columns="geometry").head(20).to_markdown(index=False)),
         "items_json": dg.MetadataValue.path(str(json_path)),
@@ -70,12 +74,64 @@ def stac_items(context: dg.AssetExecutionContext, stac: StacCatalog, data_root: 
     })
 
 
-@dg.asset_check(asset=stac_items, blocking=True, description="At least one usable item was found")
+def _token_params(value: object) -> set[str]:
+    """Credential query parameters (``TOKEN_PARAMS``) of every URL found anywhere in a JSON value."""
+    if isinstance(value, str):
+        if "?" not in value:
+            return set()
+        keys = {k.lower() for k, _ in parse_qsl(urlsplit(value).query, keep_blank_values=True)}
+        return keys & TOKEN_PARAMS
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return set().union(*(_token_params(v) for v in children))
+
+
+@dg.asset_check(asset=stac_items, blocking=True,
+                description="items.json parses and has items; none carries a signed URL or lacks its band assets")
 def items_found(context: dg.AssetCheckExecutionContext, data_root: DataRoot) -> dg.AssetCheckResult:
-    """Fail when the region has no item (the asset would already have failed; this guards stale files)."""
-    stats = data_root.read_stats("stac", context.partition_key) or {}
-    n = int(stats.get("items", 0))
-    return dg.AssetCheckResult(passed=n > 0, metadata={"num_items": n})
+    """Re-read the written ``items.json`` (what the tile grid and the shards use).
+
+    Fails when:
+
+    * it is missing, unparsable or not a FeatureCollection, or has no item;
+    * any string of an item is a URL with a credential parameter (``sig``, ``se``, ``st``, ... see
+      ``gair_dataset.signing.TOKEN_PARAMS``; an href nested outside ``assets.*.href`` escapes the unsigning);
+    * an item fails ``validate_items`` (footprint, datetime, projection, its collection's band assets);
+    * ``stats.json`` counts another number of items (a stale or half-written stage).
+
+    The metadata names the items and the offending parameters, never a URL.
+    """
+    path = data_root.stage_dir("stac", context.partition_key) / "items.json"
+    try:
+        features = json.loads(path.read_text())["features"]
+        if not isinstance(features, list):
+            raise TypeError(f"features is a {type(features).__name__}, not a list")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return dg.AssetCheckResult(passed=False, metadata={
+            "num_items": 0, "problems": dg.MetadataValue.json([f"{path.name} unreadable: {type(exc).__name__}"])})
+    problems: list[str] = []
+    if not features:
+        problems.append(f"{path.name} has no item")
+    num_signed = num_invalid = 0
+    for i, item in enumerate(features):
+        if not isinstance(item, dict):
+            num_invalid += 1
+            problems.append(f"feature {i} is not a JSON object")
+            continue
+        name = item.get("id", f"feature {i}")
+        tokens = _token_params(item)
+        if tokens:
+            num_signed += 1
+            problems.append(f"item {name}: URL with credential parameters {sorted(tokens)}")
+        _, rejects = validate_items([item], REQUIRED_ASSETS.get(str(item.get("collection")), []))
+        if rejects:
+            num_invalid += 1
+            problems.append(f"item {name}: {rejects[0]['reason']}")
+    stats = data_root.read_stats("stac", context.partition_key)
+    if stats is not None and stats.get("items") != len(features):
+        problems.append(f"stats.json counts {stats.get('items')} items, {path.name} has {len(features)}")
+    return dg.AssetCheckResult(passed=not problems, metadata={
+        "num_items": len(features), "num_signed": num_signed, "num_invalid": num_invalid,
+        "problems": dg.MetadataValue.json(problems[:20])})
 
 
 @dg.asset(partitions_def=region_partitions, group_name="stac", deps=[stac_items], kinds={"geoparquet"})

@@ -1,22 +1,29 @@
-"""STAC catalog resources: a live STAC API (Planetary Computer by default) and a local catalog."""
+"""STAC catalog resources: a live STAC API, a local catalog, and the catalog one setting names.
+
+The code location's ``stac`` is a :class:`ConfiguredStacCatalog` bound to ``$GAIR_STAC_CATALOG`` (``dg.EnvVar``).
+"""
 
 
-import os
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
-from gair_dataset.sample_region import ensure_sample
 from gair_dataset.stac_catalog import PLANETARY_COMPUTER_URL, SearchParams, search_live, search_local
-from pipelines.config import data_root
+from pipelines.common.storage import DataRoot
 
 
 class StacCatalog(dg.ConfigurableResource):
-    """Interface of a STAC catalog: ``search(params)`` returns unsigned item dicts."""
+    """Interface of a STAC catalog: ``search(params, data_root)`` returns unsigned item dicts."""
 
-    def search(self, params: SearchParams) -> list[dict]:  # pragma: no cover - interface
-        """Search the catalog."""
+    def search(self, params: SearchParams, data_root: DataRoot | None = None) -> list[dict]:  # pragma: no cover
+        """Search the catalog.
+
+        Args:
+            params: the region's search.
+            data_root: the ``DataRoot`` resource of the run (where the embedded sample lives); ``DataRoot()``'s
+                default when None. Only the embedded sample catalog uses it.
+        """
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -32,15 +39,15 @@ class LocalStacCatalog(StacCatalog):
 
     path: str = Field(default="", description="catalog file or folder; empty = the embedded synthetic sample")
 
-    def catalog_path(self) -> Path:
-        """The catalog to read (generating the sample when it is the default)."""
+    def catalog_path(self, data_root: DataRoot | None = None) -> Path:
+        """The catalog to read (the sample under the data root, generated on first use, when it is the default)."""
         if self.path:
             return Path(self.path)
-        return ensure_sample(data_root() / "sample") / "catalog" / "catalog.json"
+        return (data_root or DataRoot()).sample() / "catalog" / "catalog.json"
 
-    def search(self, params: SearchParams) -> list[dict]:
+    def search(self, params: SearchParams, data_root: DataRoot | None = None) -> list[dict]:
         """Search the local catalog."""
-        return search_local(self.catalog_path(), params)
+        return search_local(self.catalog_path(data_root), params)
 
     def describe(self) -> str:
         """What is searched."""
@@ -60,8 +67,8 @@ class LiveStacCatalog(StacCatalog):
     backoff_factor: float = Field(default=1.0)
     timeout_s: float = Field(default=60.0)
 
-    def search(self, params: SearchParams) -> list[dict]:
-        """Search the API."""
+    def search(self, params: SearchParams, data_root: DataRoot | None = None) -> list[dict]:
+        """Search the API (``data_root`` is not used)."""
         modifier = None
         if self.sign_with_planetary_computer:
             import planetary_computer
@@ -75,17 +82,46 @@ class LiveStacCatalog(StacCatalog):
         return f"STAC API {self.url}"
 
 
-def stac_from_env() -> StacCatalog:
-    """The catalog named by ``$GAIR_STAC_CATALOG``.
+def is_planetary_computer(choice: str) -> bool:
+    """Whether a ``GAIR_STAC_CATALOG`` setting names the Planetary Computer (whose hrefs must be signed)."""
+    choice = choice.strip()
+    return choice == "planetary-computer" or "planetarycomputer" in choice
 
-    ``local`` (default: the embedded sample), ``planetary-computer``, an ``http(s)://`` STAC API root, or a
+
+def catalog_for(choice: str) -> StacCatalog:
+    """The catalog a ``GAIR_STAC_CATALOG`` setting names.
+
+    ``local`` (or empty: the embedded sample), ``planetary-computer``, an ``http(s)://`` STAC API root, or a
     path to a local catalog.
     """
-    choice = os.environ.get("GAIR_STAC_CATALOG", "local").strip()
+    choice = choice.strip()
     if choice in ("", "local", "sample"):
         return LocalStacCatalog()
     if choice == "planetary-computer":
         return LiveStacCatalog()
     if choice.startswith(("http://", "https://")):
-        return LiveStacCatalog(url=choice, sign_with_planetary_computer="planetarycomputer" in choice)
+        return LiveStacCatalog(url=choice, sign_with_planetary_computer=is_planetary_computer(choice))
     return LocalStacCatalog(path=choice)
+
+
+class ConfiguredStacCatalog(StacCatalog):
+    """The catalog named by one setting, chosen when a run uses it (the code location's ``stac`` resource).
+
+    The code location binds ``catalog`` to ``dg.EnvVar("GAIR_STAC_CATALOG")`` when that variable is set, else it
+    is ``local`` (the embedded sample); see :func:`catalog_for` for the values.
+    """
+
+    catalog: str = Field(default="local", description="local | planetary-computer | an http(s):// STAC API root "
+                         "| a path to a local catalog, item collection, .ndjson or stac-geoparquet file")
+
+    def resolved(self) -> StacCatalog:
+        """The catalog the setting names."""
+        return catalog_for(self.catalog)
+
+    def search(self, params: SearchParams, data_root: DataRoot | None = None) -> list[dict]:
+        """Search the named catalog."""
+        return self.resolved().search(params, data_root)
+
+    def describe(self) -> str:
+        """What is searched."""
+        return self.resolved().describe()

@@ -16,7 +16,7 @@ def sv_points(context: dg.AssetExecutionContext, streetview: StreetViewPoints,
     """Validated street-view points (id, lon, lat, image, heading, time) and the rejected rows."""
     region = region_of(context)
     try:
-        raw, read_rejects = streetview.load(region.streetview, region.base_dir)
+        raw, read_rejects = streetview.load(region.streetview, region.base_dir, data_root)
     except (FileNotFoundError, ValueError) as exc:
         raise dg.Failure(f"cannot load street-view points for {region.name}: {exc}") from exc
     points, rejects = validate_points(raw)
@@ -24,7 +24,7 @@ def sv_points(context: dg.AssetExecutionContext, streetview: StreetViewPoints,
     if points.empty:
         raise dg.Failure(f"no valid street-view point for {region.name} ({len(rejects)} rejected)",
                          metadata={"rejects_by_reason": dg.MetadataValue.json(
-                             rejects["reason"].value_counts().to_dict())})
+                             {str(k): int(v) for k, v in rejects["reason"].value_counts().items()})})
     out = data_root.stage_dir("streetview", region.name)
     tmp = out / ".points.parquet.tmp"
     points.to_parquet(tmp, index=False)

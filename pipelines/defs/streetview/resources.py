@@ -1,12 +1,14 @@
 """Street-view point sources behind one resource (a table of points or a folder of geotagged JPEGs)."""
 
 
+from pathlib import Path
+
 import dagster as dg
 import pandas as pd
 
-from gair_dataset.sample_region import ensure_sample
 from gair_dataset.streetview_points import load_exif_folder, load_table
-from pipelines.config import StreetViewSource, data_root
+from pipelines.common.storage import DataRoot
+from pipelines.config import StreetViewSource
 
 
 class StreetViewPoints(dg.ConfigurableResource):
@@ -15,11 +17,18 @@ class StreetViewPoints(dg.ConfigurableResource):
     A hosted SV API (e.g. Mapillary) would be another implementation of ``load``; none is built yet.
     """
 
-    def load(self, source: StreetViewSource, base_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """Return ``(points, read_rejects)`` for a region's source."""
-        if source.uses_sample:
-            ensure_sample(data_root() / "sample")
-        path = source.resolve(base_dir)
+    def load(self, source: StreetViewSource, base_dir: Path,
+             data_root: DataRoot | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Return ``(points, read_rejects)`` for a region's source.
+
+        Args:
+            source: the region's street-view source.
+            base_dir: the regions file's folder (relative paths resolve against it).
+            data_root: the ``DataRoot`` resource of the run: a ``sample://`` source reads the embedded sample under
+                it (generated on first use); ``DataRoot()``'s default when None.
+        """
+        sample_dir = (data_root or DataRoot()).sample() if source.uses_sample else None
+        path = source.resolve(Path(base_dir), sample_dir)
         if source.kind == "exif_folder":
             return load_exif_folder(path)
         return load_table(path, source.image_root), pd.DataFrame(columns=["sv_id", "image_uri", "reason"])

@@ -1,0 +1,116 @@
+"""One data root: the ``DataRoot`` resource moves both the inputs (the embedded sample) and the outputs.
+
+Environment settings reach the resources as ``dg.EnvVar`` (resolved when a run starts), with working defaults when
+the variables are unset.
+"""
+
+import json
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from pipelines.common.storage import DataRoot
+from pipelines.config import StreetViewSource
+from pipelines.defs.shards.resources import RasterAccess
+from pipelines.defs.stac.resources import ConfiguredStacCatalog, LiveStacCatalog, LocalStacCatalog, catalog_for
+from pipelines.defs.streetview.resources import StreetViewPoints
+
+SETTINGS = ("GAIR_DATA_ROOT", "GAIR_STAC_CATALOG", "GAIR_EVAL_TASKS", "GAIR_EVAL_DATA")
+
+
+def _code_location_resources() -> dict:
+    from pipelines.defs.resources import resources
+
+    return resources().resources
+
+
+@pytest.mark.slow
+def test_data_root_resource_moves_the_sample_and_the_outputs(tmp_path, monkeypatch):
+    from pipelines.defs.stac.assets import stac_items
+    from pipelines.defs.streetview.assets import sv_points
+
+    monkeypatch.delenv("GAIR_DATA_ROOT", raising=False)
+    monkeypatch.delenv("GAIR_STAC_CATALOG", raising=False)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # where the default data root (./gair_data) would be
+    root = tmp_path / "elsewhere"
+    resources = {"data_root": DataRoot(root=str(root)), "stac": ConfiguredStacCatalog(),
+                 "streetview": StreetViewPoints()}
+    result = dg.materialize([stac_items, sv_points], partition_key="sample-lund", resources=resources,
+                            instance=dg.DagsterInstance.ephemeral())
+    assert result.success
+
+    sample = root / "sample"
+    assert json.loads((sample / "SYNTHETIC.json").read_text())["synthetic"] is True  # generated under the root
+    items = json.loads((root / "stac" / "sample-lund" / "items.json").read_text())["features"]
+    hrefs = [a["href"] for item in items for a in item["assets"].values()]
+    assert items and hrefs and all(h.startswith(str(sample)) for h in hrefs), hrefs[:3]  # read from the root
+    points = pd.read_parquet(root / "streetview" / "sample-lund" / "points.parquet")
+    assert len(points) > 1000 and points["image_uri"].str.startswith(str(sample)).all()
+    assert (root / "streetview" / "sample-lund" / "stats.json").exists()
+    assert not (cwd / "gair_data").exists()
+
+
+def test_settings_bound_as_env_vars_when_set(tmp_path, monkeypatch):
+    for name in SETTINGS:
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    res = _code_location_resources()
+    bound = {"data_root": res["data_root"].root, "stac": res["stac"].catalog,
+             "raster_access": res["raster_access"].stac_catalog, "eval_tasks.tasks_file": res["eval_tasks"].tasks_file,
+             "eval_tasks.data_dir": res["eval_tasks"].data_dir}
+    assert all(isinstance(v, dg.EnvVar) for v in bound.values()), bound
+    assert res["data_root"].root.env_var_name == "GAIR_DATA_ROOT"
+    assert res["stac"].catalog.env_var_name == "GAIR_STAC_CATALOG"
+
+
+def test_unset_settings_keep_working_defaults(monkeypatch):
+    for name in SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    res = _code_location_resources()
+    assert res["data_root"].root == "" and not isinstance(res["data_root"].root, dg.EnvVar)
+    assert res["stac"].catalog == "local" and isinstance(res["stac"].resolved(), LocalStacCatalog)
+    assert res["raster_access"].signer() is None
+    assert (res["eval_tasks"].tasks_file, res["eval_tasks"].data_dir) == ("", "")
+
+
+def test_env_var_is_read_when_the_run_starts(tmp_path, monkeypatch):
+    monkeypatch.setenv("GAIR_DATA_ROOT", str(tmp_path / "at_load"))
+    data_root = _code_location_resources()["data_root"]
+
+    @dg.asset
+    def where(data_root: DataRoot) -> str:
+        return str(data_root.path)
+
+    monkeypatch.setenv("GAIR_DATA_ROOT", str(tmp_path / "at_run"))
+    result = dg.materialize([where], resources={"data_root": data_root}, instance=dg.DagsterInstance.ephemeral())
+    assert result.output_for_node("where") == str(tmp_path / "at_run")
+
+
+def test_default_data_root_and_sample_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("GAIR_DATA_ROOT", str(tmp_path / "env"))
+    assert DataRoot().path == tmp_path / "env"
+    assert DataRoot(root=str(tmp_path / "given")).sample_dir == tmp_path / "given" / "sample"
+    monkeypatch.delenv("GAIR_DATA_ROOT")
+    monkeypatch.chdir(tmp_path)
+    assert DataRoot().path == tmp_path / "gair_data"
+
+
+def test_sample_paths_need_the_sample_folder(tmp_path):
+    source = StreetViewSource(kind="table", path="sample://streetview/x/points.parquet")
+    with pytest.raises(ValueError, match="sample folder"):
+        source.resolve(tmp_path)
+    assert source.resolve(tmp_path, tmp_path / "sample") == tmp_path / "sample" / "streetview" / "x" / "points.parquet"
+    assert StreetViewSource(kind="table", path="p.csv").resolve(tmp_path) == tmp_path / "p.csv"
+
+
+def test_catalog_setting_values():
+    assert isinstance(catalog_for("local"), LocalStacCatalog) and catalog_for("").path == ""
+    assert catalog_for("/data/catalog.json").path == "/data/catalog.json"
+    pc = catalog_for("planetary-computer")
+    assert isinstance(pc, LiveStacCatalog) and pc.sign_with_planetary_computer
+    other = catalog_for("https://earth-search.example/v1")
+    assert isinstance(other, LiveStacCatalog) and not other.sign_with_planetary_computer
+    assert RasterAccess(stac_catalog="planetary-computer").signer() is not None
+    assert RasterAccess(stac_catalog="https://earth-search.example/v1").signer() is None
