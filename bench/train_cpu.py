@@ -43,7 +43,7 @@ def trainer_throughput(batch_size: int, steps: int, threads: int) -> dict:
         args = [
             "--shards", str(shards), "--out-dir", str(out), "--preset", "tiny",
             "--batch-size", str(batch_size), "--steps", str(steps), "--save-every", "0",
-            "--log-every", str(steps), "--threads", str(threads), "--splits", "none",
+            "--log-every", str(steps), "--threads", str(threads), "--splits", "none", "--allow-test-split", "true",
             "--device", "cpu",
         ]  # fmt: skip
         summary = train_main(args)

@@ -102,6 +102,7 @@ class TrainConfig:
     sv_weights_prefix: str | None = None
     # data
     splits: list[str] | None = field(default_factory=lambda: ["train"])
+    allow_test_split: bool = False
     epoch_samples: int | None = None
     shuffle_buffer: int = 1000
     num_workers: int = 0
@@ -180,7 +181,8 @@ _HELP = {
     "rs_weights_prefix": "key prefix of the RS ViT in --rs-weights (e.g. 'rs_encoder.vit.' for a GAIR checkpoint)",
     "sv_weights": "local SV ViT weights",
     "sv_weights_prefix": "key prefix of the SV ViT in --sv-weights (e.g. 'sv_encoder.vit.')",
-    "splits": "keep only these splits ('none' for all)",
+    "splits": "keep only these splits ('none' for all; 'test' and 'none' need --allow-test-split true)",
+    "allow_test_split": "let training read the test split (it then is no held-out test set: smoke runs only)",
     "epoch_samples": "samples per epoch over all ranks (default: n_samples of shards.json)",
     "rs_stats": "JSON file {mean: [...], std: [...]} with per-band RS statistics",
     "val_every": "validate every N optimiser steps and at the end (0: no validation)",
@@ -280,6 +282,9 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     cfg = TrainConfig(**values)
     if cfg.val_every > 0:
         check_val_splits(cfg.val_splits, allow_test=cfg.val_allow_test)
+    if not cfg.allow_test_split and (cfg.splits is None or "test" in cfg.splits):
+        raise ValueError(f"--splits {cfg.splits or 'none'} trains on the 'test' split, which is held out for "
+                         "evaluation; train on 'train' (or pass --allow-test-split true for a smoke run)")
     if not cfg.shards:
         raise ValueError("--shards is required")
     if cfg.resume_data not in ("skip", "reseed"):

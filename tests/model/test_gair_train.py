@@ -38,7 +38,8 @@ def _args(shards, out_dir, *extra):
 
 def test_train_outputs(shards, tmp_path, capsys):
     out = tmp_path / "run"
-    summary = main(_args(shards, out, "--steps", "4", "--log-every", "2", "--splits", "none"))
+    summary = main(_args(shards, out, "--steps", "4", "--log-every", "2", "--splits", "none",
+                                  "--allow-test-split", "true"))
     assert summary["status"] == "completed" and summary["steps"] == 4
     assert summary["world_size"] == 1 and summary["effective_batch"] == 4 and summary["ranks_in_sync"]
     assert summary["steps_per_epoch"] == 4  # 16 samples in shards.json / 4 per step
@@ -142,3 +143,12 @@ def test_several_shard_sets(shards, tmp_path):
     assert summary["steps"] == 2 and summary["steps_per_epoch"] == 6  # (16 + 8) samples / 4 per step
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["n_shards"] == 4 and config["epoch_samples"] == 24
+
+
+def test_training_refuses_the_test_split(shards, tmp_path):
+    for splits in (["none"], ["train", "test"]):
+        with pytest.raises(ValueError, match="held out for evaluation"):
+            parse_config(_args(shards, tmp_path / "o", "--steps", "1", "--splits", *splits))
+    cfg = parse_config(_args(shards, tmp_path / "o", "--steps", "1", "--splits", "none", "--allow-test-split", "true"))
+    assert cfg.splits is None and cfg.allow_test_split
+    assert parse_config(_args(shards, tmp_path / "o", "--steps", "1")).splits == ["train"]
