@@ -15,7 +15,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from dagster_pipes import PipesMetadataValue, open_dagster_pipes
 
@@ -70,6 +72,39 @@ def loss_curve_md(metrics_csv: Path, val_csv: Path | None = None) -> str | None:
     return f"![loss curve](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
 
 
+def run_trainer(cmd: list[str], info: Callable[[str], Any], warning: Callable[[str], Any],
+                error: Callable[[str], Any]) -> int:
+    """Run the trainer, turning its progress and validation lines into log calls; return its exit status.
+
+    Args:
+        cmd: The trainer command (:func:`trainer_command`).
+        info: Called with a line per logged step and per validation.
+        warning: Called with lines that look like errors.
+        error: Called once with the last output lines when the trainer fails.
+    """
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    tail: list[str] = []
+    assert proc.stdout is not None  # stdout=PIPE
+    for raw in proc.stdout:
+        line = raw.rstrip()
+        tail = (tail + [line])[-40:]
+        if line.startswith(METRICS_PREFIX):
+            m = json.loads(line[len(METRICS_PREFIX):])
+            info("step {step} loss {loss:.4f} lr {lr:.2e} {samples_per_s:.1f} samples/s".format(
+                **{k: m.get(k, float("nan")) for k in ("step", "loss", "lr", "samples_per_s")}))
+        elif line.startswith(VAL_PREFIX):
+            v = json.loads(line[len(VAL_PREFIX):])
+            info("validation at step {step}: val loss {val_loss:.4f} on {n_samples} samples".format(
+                **{k: v.get(k, float("nan")) for k in ("step", "val_loss", "n_samples")}))
+        elif "Traceback" in line or "Error" in line:
+            warning(line)
+    code = proc.wait()
+    if code != 0:
+        error(f"trainer failed (exit {code}); last lines:\n" + "\n".join(tail))
+    return code
+
+
 def main() -> int:
     """Run the trainer under Pipes; return its exit status."""
     with open_dagster_pipes() as pipes:
@@ -78,26 +113,8 @@ def main() -> int:
         out_dir = Path(pipes.get_extra("out_dir"))
         cmd = trainer_command(nproc, args)
         pipes.log.info(f"starting: {' '.join(cmd)}")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        tail: list[str] = []
-        assert proc.stdout is not None  # stdout=PIPE
-        for raw in proc.stdout:
-            line = raw.rstrip()
-            tail = (tail + [line])[-40:]
-            if line.startswith(METRICS_PREFIX):
-                m = json.loads(line[len(METRICS_PREFIX):])
-                pipes.log.info("step {step} loss {loss:.4f} lr {lr:.2e} {samples_per_s:.1f} samples/s".format(
-                    **{k: m.get(k, float("nan")) for k in ("step", "loss", "lr", "samples_per_s")}))
-            elif line.startswith(VAL_PREFIX):
-                v = json.loads(line[len(VAL_PREFIX):])
-                pipes.log.info("validation at step {step}: val loss {val_loss:.4f} on {n_samples} samples".format(
-                    **{k: v.get(k, float("nan")) for k in ("step", "val_loss", "n_samples")}))
-            elif "Traceback" in line or "Error" in line:
-                pipes.log.warning(line)
-        code = proc.wait()
+        code = run_trainer(cmd, pipes.log.info, pipes.log.warning, pipes.log.error)
         if code != 0:
-            pipes.log.error(f"trainer failed (exit {code}); last lines:\n" + "\n".join(tail))
             return code
         summary = json.loads((out_dir / "summary.json").read_text())
         metadata: dict[str, PipesMetadataValue] = {

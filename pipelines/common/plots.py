@@ -3,6 +3,7 @@
 
 import base64
 import io
+from pathlib import Path
 
 import dagster as dg
 import matplotlib
@@ -13,12 +14,18 @@ import shapely
 from shapely.geometry import box
 
 
+def png_md(png: bytes | Path, alt: str = "preview") -> dg.MetadataValue:
+    """A PNG (bytes or a file) as a markdown metadata value with the image inline."""
+    data = png.read_bytes() if isinstance(png, Path) else png
+    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(data).decode()})")
+
+
 def figure_md(fig, alt: str = "preview") -> dg.MetadataValue:
     """Render a figure to a markdown metadata value (and close it)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
     plt.close(fig)
-    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})")
+    return png_md(buf.getvalue(), alt)
 
 
 def footprints_map(geoms, region, title: str, colors=None, points=None):

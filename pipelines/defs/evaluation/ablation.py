@@ -5,8 +5,6 @@ The default budget is the tiny CPU preset, sized so that the five runs fit a 2-c
 """
 
 import json
-import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -18,11 +16,12 @@ from gair_model.checkpoint import atomic_write_text
 from gair_model.eval.loading import load_trained
 from gair_model.loader import compute_rs_stats
 from gair_model.models.nili import LOCALIZERS
+from pipelines.common.plots import png_md
 from pipelines.common.storage import DataRoot
-from pipelines.defs.evaluation.assets import _png_md, _shard_list, eval_dir, write_json
+from pipelines.defs.evaluation.assets import eval_dir, write_json
 from pipelines.defs.shards.assets import shards
-from pipelines.defs.training.assets import TrainingConfig, trainer_args
-from pipelines.training_pipes import METRICS_PREFIX, trainer_command
+from pipelines.defs.training.assets import TrainingConfig, shard_set_paths, trainer_args
+from pipelines.training_pipes import run_trainer, trainer_command
 
 
 class AblationConfig(dg.Config):
@@ -42,25 +41,6 @@ class AblationConfig(dg.Config):
     rs_stats_samples: int = 2000
 
 
-def _train_one(context: dg.AssetExecutionContext, cmd: list[str]) -> int:
-    """Run one trainer process, forwarding a progress line every few logged steps; return its exit status."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    tail: list[str] = []
-    assert proc.stdout is not None
-    for raw in proc.stdout:
-        line = raw.rstrip()
-        tail = (tail + [line])[-30:]
-        if line.startswith(METRICS_PREFIX):
-            m = json.loads(line[len(METRICS_PREFIX):])
-            context.log.info("  step %s loss %.4f (%.1f samples/s)", m.get("step"), m.get("loss", float("nan")),
-                             m.get("samples_per_s", float("nan")))
-    code = proc.wait()
-    if code != 0:
-        context.log.error("trainer failed (exit %d):\n%s", code, "\n".join(tail))
-    return code
-
-
 @dg.asset(group_name="evaluation", deps=[shards], kinds={"pytorch"})
 def localizer_ablation(context: dg.AssetExecutionContext, config: AblationConfig,
                        data_root: DataRoot) -> dg.MaterializeResult:
@@ -72,7 +52,7 @@ def localizer_ablation(context: dg.AssetExecutionContext, config: AblationConfig
     unknown = sorted(set(config.localizers) - set(LOCALIZERS))
     if unknown or not config.localizers:
         raise dg.Failure(f"unknown localiser(s) {unknown}; choose from {list(LOCALIZERS)}")
-    shard_list = _shard_list(data_root)
+    shard_list = shard_set_paths(data_root)
     root = data_root.stage_dir("training") / "ablation"
     root.mkdir(parents=True, exist_ok=True)
     extra: list[str] = []
@@ -94,7 +74,7 @@ def localizer_ablation(context: dg.AssetExecutionContext, config: AblationConfig
                          config.steps, config.batch_size)
         t0 = time.perf_counter()
         cmd = trainer_command(1, [*trainer_args(train_cfg, shard_list, out_dir), *extra, "--localizer", loc])
-        if _train_one(context, cmd) != 0:
+        if run_trainer(cmd, context.log.info, context.log.warning, context.log.error) != 0:
             raise dg.Failure(f"training with the {loc} localiser failed; see the log")
         summary = json.loads((out_dir / "summary.json").read_text())
         wall_train = time.perf_counter() - t0
@@ -124,5 +104,5 @@ def localizer_ablation(context: dg.AssetExecutionContext, config: AblationConfig
         "report": dg.MetadataValue.path(str(md)),
         "budget": dg.MetadataValue.json(budget),
         "results": dg.MetadataValue.json(table),
-        "offset_rings_plot": _png_md(png, "ablation offset rings"),
+        "offset_rings_plot": png_md(png, "ablation offset rings"),
     })

@@ -29,11 +29,11 @@ from gair_model.eval.report import (
     save_figure,
     write_report,
 )
-from pipelines.common.plots import figure_md
+from pipelines.common.plots import figure_md, png_md
 from pipelines.common.storage import DataRoot
 from pipelines.defs.evaluation.resources import EvalTasks
 from pipelines.defs.shards.assets import shards
-from pipelines.defs.training.assets import gair_model_checkpoint, shard_sets
+from pipelines.defs.training.assets import gair_model_checkpoint, shard_set_paths, shard_sets
 
 #: Task families, each its own asset (``eval_<family>``).
 FAMILIES = ("location", "streetview", "remote_sensing")
@@ -99,13 +99,6 @@ def write_json(path: Path, payload: Any) -> Path:
     return atomic_write_text(path, json.dumps(payload, indent=1, default=str))
 
 
-def _shard_list(data_root: DataRoot) -> list[str]:
-    sets = shard_sets(data_root)
-    if not sets:
-        raise dg.Failure("no complete shard set under the data root: materialize `shards` first")
-    return [str(s) for s in sets]
-
-
 @dg.asset(group_name="evaluation", deps=[gair_model_checkpoint, shards], kinds={"pytorch"})
 def eval_alignment(context: dg.AssetExecutionContext, config: AlignmentConfig,
                    data_root: DataRoot) -> dg.MaterializeResult:
@@ -116,7 +109,7 @@ def eval_alignment(context: dg.AssetExecutionContext, config: AlignmentConfig,
     if "train" in config.splits:
         raise dg.Failure("the alignment benchmark never evaluates the train split")
     trained, baseline = load_models(config, data_root)
-    shard_list = _shard_list(data_root)
+    shard_list = shard_set_paths(data_root)
     results = {}
     t0 = time.perf_counter()
     for lm in (trained, baseline):
@@ -160,17 +153,11 @@ def eval_alignment(context: dg.AssetExecutionContext, config: AlignmentConfig,
         "localisation_median_error_m": float(loc["model"]["median_m"]),
         "localisation_median_error_m_tile_centre": float(loc["centre_baseline"]["median_m"]),
         "localisation_within_one_cell": float(loc["model"]["within_cell"]),
-        "offset_rings_plot": _png_md(rings_png, "offset rings"),
-        "examples_plot": _png_md(examples_png, "examples"),
+        "offset_rings_plot": png_md(rings_png, "offset rings"),
+        "examples_plot": png_md(examples_png, "examples"),
         "summary": dg.MetadataValue.json({k: {"retrieval": v["retrieval"], "localisation": v["localisation"]}
                                           for k, v in summaries.items()}),
     })
-
-
-def _png_md(path: Path, alt: str) -> dg.MetadataValue:
-    import base64
-
-    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})")
 
 
 def _downstream_table_md(rows: list[dict]) -> str:
@@ -244,7 +231,7 @@ def gair_embeddings(context: dg.AssetExecutionContext, config: EvalConfig,
     trained, _ = load_models(config, data_root)
     out_dir = data_root.stage_dir("embeddings")
     per_set: dict[str, dict] = {}
-    for shard_set in _shard_list(data_root):
+    for shard_set in shard_set_paths(data_root):
         name = Path(shard_set).name
         context.log.info("embedding every sample of %s", name)
         stats = export_shard_embeddings(trained, [shard_set], out_dir / f"{name}.parquet", splits=None,
@@ -341,8 +328,8 @@ def evaluation_report(context: dg.AssetExecutionContext, data_root: DataRoot) ->
     }
     for name in ("probe_scores",):
         if name in written:
-            metadata[f"{name}_plot"] = _png_md(written[name], name)
+            metadata[f"{name}_plot"] = png_md(written[name], name)
     for name in ("evaluation_offset_rings", "evaluation_examples", "ablation_offset_rings"):
         if (reports / f"{name}.png").is_file():
-            metadata[f"{name}_plot"] = _png_md(reports / f"{name}.png", name)
+            metadata[f"{name}_plot"] = png_md(reports / f"{name}.png", name)
     return dg.MaterializeResult(metadata=metadata)

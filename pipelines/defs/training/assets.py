@@ -52,6 +52,14 @@ def shard_sets(data_root: DataRoot) -> list[Path]:
     return out
 
 
+def shard_set_paths(data_root: DataRoot) -> list[str]:
+    """The complete shard sets as paths, or a failure saying that `shards` must run first."""
+    sets = shard_sets(data_root)
+    if not sets:
+        raise dg.Failure("no complete shard set under the data root: materialize `shards` first")
+    return [str(d) for d in sets]
+
+
 def trainer_args(cfg: TrainingConfig, shard_list: list[str], out_dir: Path) -> list[str]:
     """The trainer's command-line flags for this config."""
     args = ["--shards", *shard_list, "--out-dir", str(out_dir), "--preset", cfg.preset, "--steps", str(cfg.steps),
@@ -74,10 +82,7 @@ def trainer_args(cfg: TrainingConfig, shard_list: list[str], out_dir: Path) -> l
 def gair_model_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig, data_root: DataRoot,
                           pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     """A GAIR checkpoint trained on the train split of every region's shards (safetensors + state)."""
-    sets = shard_sets(data_root)
-    if not sets:
-        raise dg.Failure("no complete shard set under the data root: materialize `shards` first")
-    shard_list = [str(d) for d in sets]
+    shard_list = shard_set_paths(data_root)
     out_dir = data_root.stage_dir("training") / "run"
     extra: list[str] = []
     if config.rs_stats_samples > 0:
@@ -88,7 +93,7 @@ def gair_model_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
         extra = ["--rs-stats", str(stats_path)]
         context.log.info("RS band statistics from %d samples: mean %s", config.rs_stats_samples,
                          [round(v) for v in stats["mean"]])
-    context.log.info("training on the shard sets of %s", [d.name for d in sets])
+    context.log.info("training on the shard sets of %s", [Path(p).name for p in shard_list])
     result = pipes_subprocess_client.run(
         command=[sys.executable, "-m", "pipelines.training_pipes"],
         context=context,
