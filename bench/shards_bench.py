@@ -42,7 +42,15 @@ from rasterio.windows import Window  # noqa: E402
 
 from gair_dataset.bands import NAIP_BANDS, S2_L2A_ALL_BANDS, S2_L2A_BANDS  # noqa: E402
 from gair_dataset.chips import DEFAULT_GDAL_ENV, ChipReader, TileSpec, read_chip  # noqa: E402
-from gair_dataset.shards import TAR_MTIME, ShardWriter, encode_json, encode_rs, sample_key  # noqa: E402
+from gair_dataset.samples import DEFAULT_INTERLEAVE_TILES, interleave_order  # noqa: E402
+from gair_dataset.shards import (  # noqa: E402
+    TAR_MTIME,
+    ShardWriter,
+    batch_diversity,
+    encode_json,
+    encode_rs,
+    sample_key,
+)
 from gair_model.loader import IMAGENET_MEAN, IMAGENET_STD, build_loader  # noqa: E402
 
 SHARED = REPO / ".." / "shared" / "data"
@@ -189,6 +197,22 @@ def _samples(n: int) -> list[tuple[str, np.ndarray, bytes, dict]]:
     return out
 
 
+def _batch_diversity_figure(n_tiles: int = 2000, seed: int = 0) -> dict:
+    """Distinct tiles per batch of 256, key order vs the shards step's interleaved order, on a skewed layout.
+
+    ``n_tiles`` tiles with a geometric number of samples each (mean 10, as street-view points cluster),
+    interleaved in windows of ``DEFAULT_INTERLEAVE_TILES`` tiles exactly as ``build_shards_from_pairs`` does.
+    """
+    rng = np.random.default_rng(seed)
+    counts = rng.geometric(0.1, size=n_tiles)
+    groups = [(f"t{t:05d}", [(f"t{t:05d}_sv{j:04d}", f"t{t:05d}") for j in range(k)]) for t, k in enumerate(counts)]
+    order = []
+    for w in range(0, n_tiles, DEFAULT_INTERLEAVE_TILES):
+        order += interleave_order(groups[w:w + DEFAULT_INTERLEAVE_TILES])
+    return {"layout": f"{n_tiles} tiles, geometric(0.1) samples per tile (seed {seed})",
+            "interleave_tiles": DEFAULT_INTERLEAVE_TILES, **batch_diversity(order)}
+
+
 def bench_writer(repeats: int, n: int = 400, per_shard: int = 100) -> dict:
     samples = _samples(n)
     encoded = [(k, encode_rs(rs), sv, encode_json(m)) for k, rs, sv, m in samples]
@@ -223,6 +247,7 @@ def bench_writer(repeats: int, n: int = 400, per_shard: int = 100) -> dict:
     mb = total / 1e6
     return {
         "n_samples": n, "payload_mb": mb,
+        "batch_diversity": _batch_diversity_figure(),
         "mb_per_s": {k: mb / v for k, v in med.items()},
         "ratio": _paired_ratio(t, "raw_tarfile", "ours"),
         "ratio_with_fsync": _paired_ratio(t, "raw_tarfile", "ours_fsync"),

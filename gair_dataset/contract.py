@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import math
 import re
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -25,10 +27,16 @@ REQUIRED_JSON_FIELDS = ("sv_id", "lon", "lat", "tile_id", "item_id", "item_ids",
 """Fields every sample's JSON carries (``bbox`` is ``[lon_min, lat_max, lon_max, lat_min]``; ``x, y`` in [0, 1]
 from the tile's top-left)."""
 
+DATE_FIELDS = ("item_id", "datetime", "platform", "processing_baseline", "harmonized", "cloud_cover")
+"""Fields of each entry of a multi-date sample's JSON ``dates`` list (one entry per date of ``rs.npy``, same
+order); for date 0 they equal the top-level fields of the same names."""
+
 SHARD_PATTERN = "{name}-{index:06d}.tar"
 MANIFEST_NAME = "manifest.parquet"
 SHARDS_JSON_NAME = "shards.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""``shards.json`` format: 1 = single-date samples in key order; 2 = ``rs.npy`` may hold several dates
+(``D x C x H x W``), samples are written in an interleaved (not key) order, ``batch_diversity`` is recorded."""
 
 
 class ContractError(ValueError):
@@ -65,6 +73,62 @@ def sample_key(tile_id: str, sv_id: str) -> str:
         ContractError: If either part is not ``[A-Za-z0-9_-]+``.
     """
     return f"{validate_key_part(tile_id, 'tile_id')}_{validate_key_part(sv_id, 'sv_id')}"
+
+
+def rs_dates(rs: np.ndarray) -> np.ndarray:
+    """View an ``rs.npy`` array as ``D x C x H x W`` (dates first), whatever its stored form.
+
+    The contract stores a single date as ``C x H x W`` (unchanged since format 1) and several dates as
+    ``D x C x H x W`` with ``D >= 2``; this gives both the same shape (no copy).
+
+    Args:
+        rs: The decoded ``rs.npy`` array.
+
+    Returns:
+        ``rs[None]`` for a 3-D array, ``rs`` itself for a 4-D one.
+
+    Raises:
+        ContractError: If the array is neither 3-D nor 4-D with at least one date.
+    """
+    arr = np.asarray(rs)
+    if arr.ndim == 3:
+        return arr[None]
+    if arr.ndim == 4 and arr.shape[0] >= 1:
+        return arr
+    raise ContractError(f"rs must be C x H x W or D x C x H x W (D >= 1), got shape {arr.shape}")
+
+
+def n_dates(rs: np.ndarray) -> int:
+    """Number of dates ``D`` of an ``rs.npy`` array (1 for ``C x H x W``); see :func:`rs_dates`."""
+    return int(rs_dates(rs).shape[0])
+
+
+def canonical_rs(rs: np.ndarray) -> np.ndarray:
+    """The stored form of ``rs``: ``C x H x W`` for one date, ``D x C x H x W`` for ``D >= 2`` dates.
+
+    Raises:
+        ContractError: As :func:`rs_dates`.
+    """
+    arr = rs_dates(rs)
+    return arr[0] if arr.shape[0] == 1 else arr
+
+
+def sample_dates(meta: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per-date metadata of a sample, one entry per date of its ``rs.npy``, in the same order.
+
+    A multi-date sample's JSON carries them as ``dates``; a single-date sample (and every format-1 sample) has
+    no ``dates`` list, and its one entry is made of the top-level :data:`DATE_FIELDS`.
+
+    Args:
+        meta: The sample's parsed JSON.
+
+    Returns:
+        A list of dicts with the keys of :data:`DATE_FIELDS`.
+    """
+    dates = meta.get("dates")
+    if isinstance(dates, list) and dates:
+        return [dict(d) for d in dates]
+    return [{f: meta.get(f) for f in DATE_FIELDS}]
 
 
 _NPY_HEADER = re.compile(

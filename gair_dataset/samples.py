@@ -2,13 +2,17 @@
 
 :func:`build_shards_from_pairs` is the one call a pipeline asset needs: it joins each pair with its
 tile's attributes (``tiles.parquet``, by ``tile_id``: the pairs table does not repeat them), sorts the
-pairs by sample key, reads each tile's chip once (trying the pair's items least-cloudy first), validates
-and normalises each SV image (perspective crop for 360 panoramas), writes the shard set, and
-reports every rejected pair with a reason so that ``n_pairs == n_written + n_rejected``.
+pairs by sample key, reads each tile's chips once (up to ``max_dates`` of the tile's items that pass the
+nodata/cloud limits, least cloudy first: the sample's ``rs.npy`` holds every date), validates and
+normalises each SV image (perspective crop for 360 panoramas), writes the shard set with the tiles of
+each window of ``interleave_tiles`` tiles interleaved (:func:`interleave_order`, so that consecutive
+samples come from different tiles), and reports every rejected pair with a reason so that
+``n_pairs == n_written + n_rejected``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -17,7 +21,9 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+import numpy as np
 
 from gair_dataset.chips import ChipReader, ChipResult, TileSpec
 from gair_dataset.shards import ShardSetInfo, ShardWriteError, ShardWriter, sample_key
@@ -25,6 +31,11 @@ from gair_dataset.signing import Signer, redact_text
 from gair_dataset.svimage import normalize_sv_image, panorama_crops, read_image_uri
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_INTERLEAVE_TILES = 512
+"""Tiles interleaved together by the shards step (their chips are held in memory meanwhile)."""
 
 
 def _as_list(v: Any) -> list[Any]:
@@ -48,7 +59,8 @@ def _num(v: Any) -> float | None:
 
 def build_sample_json(pair: Mapping[str, Any], item: Mapping[str, Any] | None, sv_bytes: bytes, *,
                       bands: Sequence[str], harmonized: bool, processing_baseline: str | None = None,
-                      synthetic: bool = False, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                      synthetic: bool = False, extra: Mapping[str, Any] | None = None,
+                      dates: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Build the per-sample JSON of the data contract from a pairs row and its STAC item.
 
     Args:
@@ -62,6 +74,9 @@ def build_sample_json(pair: Mapping[str, Any], item: Mapping[str, Any] | None, s
         processing_baseline: ``s2:processing_baseline`` of the item.
         synthetic: Mark the sample as synthetic.
         extra: More fields to add (must be JSON-serialisable).
+        dates: Per-date entries (:func:`date_entry`) of a multi-date ``rs.npy``, date 0 first (``item``
+            is date 0's item). Written as ``dates`` only when there are two or more: a single-date
+            sample's JSON is unchanged.
 
     Returns:
         The JSON-ready dict.
@@ -100,9 +115,34 @@ def build_sample_json(pair: Mapping[str, Any], item: Mapping[str, Any] | None, s
         "sv_bytes": len(sv_bytes),
         "synthetic": bool(synthetic),
     }
+    if dates is not None and len(dates) >= 2:
+        meta["dates"] = [dict(d) for d in dates]
     if extra:
         meta.update(extra)
     return meta
+
+
+def date_entry(item: Mapping[str, Any] | None, chip: ChipResult) -> dict[str, Any]:
+    """One entry of a sample JSON's ``dates`` list (:data:`gair_dataset.contract.DATE_FIELDS`).
+
+    Args:
+        item: The STAC item the date's chip was read from.
+        chip: That chip.
+
+    Returns:
+        ``{item_id, datetime, platform, processing_baseline, harmonized, cloud_cover}``, built like the
+        top-level fields of :func:`build_sample_json`.
+    """
+    item = item or {}
+    props = item.get("properties", {})
+    return {
+        "item_id": item.get("id") or chip.item_id,
+        "datetime": props.get("datetime") or item.get("datetime"),
+        "platform": props.get("platform") or props.get("constellation"),
+        "processing_baseline": chip.processing_baseline,
+        "harmonized": bool(chip.harmonized),
+        "cloud_cover": _num(props.get("eo:cloud_cover")),
+    }
 
 
 @dataclass
@@ -127,6 +167,8 @@ class BuildReport:
     n_chip_reads: int = 0
     n_reencoded_sv: int = 0
     n_panorama_crops: int = 0
+    dates_per_sample: Counter[int] = field(default_factory=Counter)
+    """Samples written per number of dates in their ``rs.npy``."""
 
     @property
     def n_rejected(self) -> int:
@@ -161,6 +203,7 @@ def build_shards_from_pairs(
     max_cloud_fraction: float | None = 0.1, sv_max_side: int | None = 1024, pano_fov_deg: float = 90.0,
     pano_out_size: int = 512, synthetic: bool = False, gdal_env: Mapping[str, Any] | None = None,
     fetch_image: Callable[[str], bytes] = read_image_uri, fsync: bool = True, chip_workers: int = 4,
+    max_dates: int | None = None, interleave_tiles: int = DEFAULT_INTERLEAVE_TILES,
 ) -> BuildReport:
     """Build a shard set from pairs, skipping and reporting unusable pairs.
 
@@ -189,10 +232,21 @@ def build_shards_from_pairs(
         fsync: ``fsync`` shards before publishing.
         chip_workers: Threads reading chips ahead of the writer (each with its own reader); this also
             bounds the number of concurrent remote reads. 1 reads in the calling thread's order only.
+        max_dates: Dates per sample: a tile's chip is read from every item of its ``item_ids`` (least
+            cloudy first) that passes the nodata/cloud limits, up to this many; the sample's ``rs.npy``
+            is ``C x H x W`` for one date, ``D x C x H x W`` for ``D >= 2``. None: every passing item (the
+            tile grid already keeps at most ``items_per_tile`` per tile). 1 gives single-date samples.
+        interleave_tiles: Tiles (in key order) whose samples are interleaved together by
+            :func:`interleave_order`; their chips are held in memory until the window is written
+            (about ``interleave_tiles x dates x C x H x W x 2`` bytes). 1 keeps the key order.
 
     Returns:
         A :class:`BuildReport`; ``n_pairs == n_written + n_rejected``.
     """
+    if max_dates is not None and max_dates < 1:
+        raise ValueError("max_dates must be >= 1 (or None)")
+    if interleave_tiles < 1:
+        raise ValueError("interleave_tiles must be >= 1")
     report = BuildReport()
     tile_index = None if tiles is None else tiles_by_id(tiles)
     keyed: list[tuple[str, dict[str, Any]]] = []
@@ -214,65 +268,126 @@ def build_shards_from_pairs(
             record = {**tile, **row}  # the pair's own columns win (split is in both)
         keyed.append((key, record))
     keyed.sort(key=lambda kp: kp[0])
+    # Group by tile (tiles in key order, a tile's pairs in key order); duplicates of a key are rejected.
+    by_tile: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    prev = None
+    for key, p in keyed:
+        if key == prev:
+            report.rejections.append(Rejection(key, str(p["sv_id"]), str(p["tile_id"]), "key", "duplicate key"))
+            continue
+        prev = key
+        by_tile.setdefault(str(p["tile_id"]), []).append((key, p))
+    tile_ids = list(by_tile)
     chip_kw = {"bands": bands, "out_size": out_size, "max_nodata_fraction": max_nodata_fraction,
                "max_cloud_fraction": max_cloud_fraction}
-    tiles = _first_pair_per_tile(p for k, p in keyed)
-    with ChipPrefetcher(tiles, items, workers=chip_workers, signer=signer, gdal_env=gdal_env,
-                        **chip_kw) as chips, ShardWriter(
+    with ChipPrefetcher([by_tile[t][0][1] for t in tile_ids], items, workers=chip_workers, signer=signer,
+                        gdal_env=gdal_env, max_dates=max_dates, **chip_kw) as chips, ShardWriter(
         out_dir, name=name, samples_per_shard=samples_per_shard, fsync=fsync
     ) as writer:
-        prev = None
-        for key, p in keyed:
-            sv_id, tile_id = str(p["sv_id"]), str(p["tile_id"])
-            if key == prev:
-                report.rejections.append(Rejection(key, sv_id, tile_id, "key", "duplicate key"))
-                continue
-            prev = key
-            chip, item = chips.get(tile_id)
-            if not chip.ok or chip.array is None:
-                reason = chip.rejected_reason or "no data"
-                report.rejections.append(Rejection(key, sv_id, tile_id, "chip", reason))
-                continue
-            sv_bytes, why = _sv_for(p, fetch_image, report, sv_max_side, pano_fov_deg, pano_out_size)
-            if sv_bytes is None:
-                report.rejections.append(Rejection(key, sv_id, tile_id, "sv", why or "invalid"))
-                continue
-            meta = build_sample_json(p, item, sv_bytes, bands=chip.bands, harmonized=chip.harmonized,
-                                     processing_baseline=chip.processing_baseline, synthetic=synthetic)
-            writer.write(key, chip.array, sv_bytes, meta)
-            report.n_written += 1
+        for start in range(0, len(tile_ids), interleave_tiles):
+            window: dict[str, TileChips] = {}
+            groups: list[tuple[str, list[tuple[str, dict[str, Any]]]]] = []
+            for tile_id in tile_ids[start:start + interleave_tiles]:
+                tc = chips.get(tile_id)
+                if not tc.ok:
+                    for key, p in by_tile[tile_id]:
+                        report.rejections.append(Rejection(key, str(p["sv_id"]), tile_id, "chip",
+                                                           tc.rejected_reason or "no data"))
+                    continue
+                window[tile_id] = tc
+                groups.append((tile_id, by_tile[tile_id]))
+            for key, p in interleave_order(groups):
+                sv_id, tile_id = str(p["sv_id"]), str(p["tile_id"])
+                tc = window[tile_id]
+                sv_bytes, why = _sv_for(p, fetch_image, report, sv_max_side, pano_fov_deg, pano_out_size)
+                if sv_bytes is None:
+                    report.rejections.append(Rejection(key, sv_id, tile_id, "sv", why or "invalid"))
+                    continue
+                chip0 = tc.chips[0]
+                meta = build_sample_json(p, tc.items[0], sv_bytes, bands=chip0.bands, harmonized=chip0.harmonized,
+                                         processing_baseline=chip0.processing_baseline, synthetic=synthetic,
+                                         dates=tc.dates)
+                assert tc.array is not None
+                writer.write(key, tc.array, sv_bytes, meta)
+                report.n_written += 1
+                report.dates_per_sample[len(tc.chips)] += 1
     report.n_chip_reads = chips.n_reads
     report.shards = writer.info
-    log.info("shards %s: %d pairs -> %d samples, %d rejected %s", name, report.n_pairs, report.n_written,
-             report.n_rejected, report.rejected_by_reason())
+    log.info("shards %s: %d pairs -> %d samples (dates per sample %s), %d rejected %s", name, report.n_pairs,
+             report.n_written, dict(sorted(report.dates_per_sample.items())), report.n_rejected,
+             report.rejected_by_reason())
     return report
 
 
-def _first_pair_per_tile(pairs: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The first pair of each tile, in order (pairs sorted by key are grouped by tile)."""
-    seen: set[str] = set()
-    out = []
-    for p in pairs:
-        if str(p["tile_id"]) not in seen:
-            seen.add(str(p["tile_id"]))
-            out.append(p)
-    return out
+def _phase(tile_id: str) -> float:
+    """A deterministic pseudo-random fraction in [0, 1) per tile (BLAKE2b, stable across runs and platforms)."""
+    digest = hashlib.blake2b(tile_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def interleave_order(groups: Sequence[tuple[str, Sequence[T]]]) -> list[T]:
+    """Deterministically interleave the samples of several tiles so that a tile's samples lie far apart.
+
+    Each tile's ``k`` samples are spread evenly over the output: sample ``j`` (in the given order) sits at
+    ``(j + phase) / k``, where ``phase`` in [0, 1) is a hash of the tile id (so single-sample tiles are
+    scattered, not bunched at the start), and the output is sorted by that position (ties: phase, then tile
+    id, then ``j``). A tile with ``k`` of the ``n`` samples thus recurs about every ``n / k`` samples, the
+    widest spacing possible, and no randomness is involved: the same groups give the same order.
+
+    Args:
+        groups: ``(tile_id, samples)`` per tile; tile ids must be distinct.
+
+    Returns:
+        Every sample of every group, interleaved.
+    """
+    ranked: list[tuple[float, float, str, int, int, int]] = []
+    for g, (tile_id, members) in enumerate(groups):
+        k, phase = len(members), _phase(tile_id)
+        ranked.extend(((j + phase) / k, phase, tile_id, j, g, j) for j in range(k))
+    ranked.sort()
+    return [groups[g][1][j] for *_, g, j in ranked]
+
+
+@dataclass
+class TileChips:
+    """The chips of one tile: one per date that passed the limits, date 0 the least cloudy.
+
+    Attributes:
+        chips: The passing chips (their arrays are dropped once stacked into ``array``).
+        items: The STAC item of each chip.
+        array: ``C x H x W`` for one date, ``D x C x H x W`` for ``D >= 2`` (None when rejected).
+        dates: One :func:`date_entry` per chip.
+        rejected_reason: Why no chip passed (None when there is at least one).
+    """
+
+    chips: list[ChipResult]
+    items: list[Mapping[str, Any] | None]
+    array: np.ndarray | None
+    dates: list[dict[str, Any]]
+    rejected_reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when at least one date passed."""
+        return self.rejected_reason is None and self.array is not None
 
 
 class ChipPrefetcher:
     """Reads the chips of tiles in order, up to ``2 * workers`` tiles ahead, on a bounded thread pool.
 
     Each worker thread owns a :class:`ChipReader` (rasterio datasets are not shared across threads).
-    ``get(tile_id)`` must be called in tile order; a tile's chip is read once, trying its items in
-    ``item_ids`` order (least cloudy first) until one passes the nodata/cloud limits.
+    ``get(tile_id)`` must be called in tile order; a tile's chips are read once, trying its items in
+    ``item_ids`` order (least cloudy first) and keeping every one that passes the nodata/cloud limits, up
+    to ``max_dates`` (None: all).
     """
 
     def __init__(self, tiles: Sequence[Mapping[str, Any]], items: Mapping[str, Mapping[str, Any]], *,
                  workers: int = 4, signer: Signer | None = None, gdal_env: Mapping[str, Any] | None = None,
-                 **chip_kw: Any) -> None:
+                 max_dates: int | None = None, **chip_kw: Any) -> None:
         self.tiles = list(tiles)
         self.items = items
         self.workers = max(1, int(workers))
+        self.max_dates = max_dates
         self.signer, self.gdal_env, self.chip_kw = signer, gdal_env, chip_kw
         self.n_reads = 0
         self._local = threading.local()
@@ -281,7 +396,7 @@ class ChipPrefetcher:
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="chips")
         self._futures: OrderedDict[str, Future] = OrderedDict()
         self._next = 0
-        self._current: tuple[str | None, tuple[ChipResult, Mapping[str, Any] | None] | None] = (None, None)
+        self._current: tuple[str | None, TileChips | None] = (None, None)
 
     def __enter__(self) -> ChipPrefetcher:
         self._fill()
@@ -308,34 +423,54 @@ class ChipPrefetcher:
             self._futures[str(p["tile_id"])] = self._pool.submit(self._read, p)
             self._next += 1
 
-    def _read(self, p: Mapping[str, Any]) -> tuple[ChipResult, Mapping[str, Any] | None, int]:
+    def _read(self, p: Mapping[str, Any]) -> tuple[TileChips, int]:
         tile = TileSpec.from_row(p)
-        reasons, reads = [], 0
+        reasons: list[str] = []
+        reads = 0
+        chips: list[ChipResult] = []
+        used: list[Mapping[str, Any] | None] = []
         for item_id in _as_list(p.get("item_ids")):
+            if self.max_dates is not None and len(chips) >= self.max_dates:
+                break
             item = self.items.get(str(item_id))
             if item is None:
                 reasons.append(f"{item_id}: item not found")
                 continue
             reads += 1
             chip = self._reader().read(item, tile, **self.chip_kw)
-            if chip.ok:
-                return chip, item, reads
-            reasons.append(f"{item_id}: {chip.rejected_reason}")
-        reason = "; ".join(reasons) if reasons else "no item_ids"
-        return ChipResult(None, list(self.chip_kw.get("bands") or []), 1.0, rejected_reason=reason), None, reads
+            if not chip.ok or chip.array is None:
+                reasons.append(f"{item_id}: {chip.rejected_reason}")
+                continue
+            first = chips[0].array if chips else None
+            if first is not None and (chip.array.shape != first.shape or chip.bands != chips[0].bands):
+                reasons.append(f"{item_id}: shape/bands differ from date 0")
+                continue
+            chips.append(chip)
+            used.append(item)
+        if not chips:
+            reason = "; ".join(reasons) if reasons else "no item_ids"
+            return TileChips([], [], None, [], rejected_reason=reason), reads
+        dates = [date_entry(item, chip) for chip, item in zip(chips, used, strict=True)]
+        if len(chips) == 1:
+            array = chips[0].array
+        else:
+            array = np.stack([c.array for c in chips if c.array is not None])
+            for c in chips:
+                c.array = None  # stacked: keep one copy of the pixels
+        return TileChips(chips, used, array, dates), reads
 
-    def get(self, tile_id: str) -> tuple[ChipResult, Mapping[str, Any] | None]:
-        """The chip (and the item it came from) of the next tile; tiles must be asked for in order."""
+    def get(self, tile_id: str) -> TileChips:
+        """The chips (one per date, and their items) of the next tile; tiles must be asked for in order."""
         if tile_id == self._current[0] and self._current[1] is not None:
             return self._current[1]
         future = self._futures.pop(tile_id, None)
         if future is None:
             raise KeyError(f"tile {tile_id} requested out of order")
-        chip, item, reads = future.result()
+        tc, reads = future.result()
         self.n_reads += reads
-        self._current = (tile_id, (chip, item))
+        self._current = (tile_id, tc)
         self._fill()
-        return chip, item
+        return tc
 
 
 def _sv_for(p: Mapping[str, Any], fetch: Callable[[str], bytes], report: BuildReport, max_side: int | None,

@@ -4,19 +4,22 @@ One sample per (SV image, RS tile) pair, see DESIGN.md section 3:
 
 * key ``<tile_id>_<sv_id>``, made of ``[A-Za-z0-9_-]`` only (WebDataset splits keys at the
   first dot, so a dotted key would silently corrupt samples);
-* members ``<key>.rs.npy`` (``np.save`` of a uint16 ``bands x H x W`` array, no pickle),
+* members ``<key>.rs.npy`` (``np.save`` of a uint16 array, no pickle: ``bands x H x W`` for one date,
+  ``dates x bands x H x W`` for two or more, see :func:`gair_dataset.contract.rs_dates`),
   ``<key>.sv.jpg`` (JPEG bytes) and ``<key>.json`` (metadata, see :func:`build_sample_json`);
 * shards ``<name>-%06d.tar`` with fixed tar metadata (mtime, uid, gid, names, mode), so the
   same inputs in the same order give byte-identical shards;
 * every shard is written into ``<out_dir>/.staging/`` and ``os.replace``-d into place when
   complete, so readers never see a partial shard; a crashed run leaves only the staging folder,
   which the next run clears;
-* ``manifest.parquet`` (one row per sample) and ``shards.json`` (per-shard counts, bytes,
-  sha256) are written last, atomically; their presence marks a complete shard set.
+* ``manifest.parquet`` (one row per sample, in write order) and ``shards.json`` (per-shard counts,
+  bytes, sha256, and the batch diversity of the write order, see :func:`distinct_tiles_per_batch`)
+  are written last, atomically; their presence marks a complete shard set.
 
-The writer does not sort: samples must arrive in strictly increasing key order (sort the pairs
-by :func:`sample_key` before reading chips), which it checks. This keeps memory flat while
-guaranteeing a deterministic order.
+The writer does not sort: samples are written in the order they arrive, which the caller makes
+deterministic (the shards step interleaves tiles, see
+:func:`gair_dataset.samples.interleave_order`, so that a batch rarely holds two samples of one
+tile). Keys must be unique, which the writer checks; this keeps memory flat (one key per sample).
 """
 
 from __future__ import annotations
@@ -83,17 +86,20 @@ def encode_rs(rs: np.ndarray) -> bytes:
     """Serialise an RS chip as ``.npy`` bytes (uint16, C order, no pickle).
 
     Args:
-        rs: ``bands x H x W`` array; integer data that fits uint16 is converted.
+        rs: ``bands x H x W`` (one date) or ``dates x bands x H x W`` array; integer data that fits
+            uint16 is converted. A single date given as ``1 x bands x H x W`` is stored as
+            ``bands x H x W`` (:func:`gair_dataset.contract.canonical_rs`).
 
     Returns:
         The ``.npy`` file bytes.
 
     Raises:
-        ShardWriteError: If the array is not 3-D or its values do not fit uint16.
+        ShardWriteError: If the array is neither 3-D nor 4-D, or its values do not fit uint16.
     """
-    arr = np.asarray(rs)
-    if arr.ndim != 3:
-        raise ShardWriteError(f"rs must be bands x H x W, got shape {arr.shape}")
+    try:
+        arr = contract.canonical_rs(np.asarray(rs))
+    except contract.ContractError as exc:
+        raise ShardWriteError(str(exc)) from None
     if arr.dtype != np.uint16:
         if not np.issubdtype(arr.dtype, np.integer) or (
             arr.size and (int(arr.min()) < 0 or int(arr.max()) > 65535)
@@ -136,7 +142,7 @@ class Sample:
 
     Attributes:
         key: ``<tile_id>_<sv_id>`` (see :func:`sample_key`).
-        rs: uint16 ``bands x H x W`` chip.
+        rs: uint16 ``bands x H x W`` chip, or ``dates x bands x H x W`` for several dates.
         sv_jpeg: JPEG bytes of the street-view image.
         meta: The sample JSON (see :func:`build_sample_json`).
     """
@@ -168,6 +174,8 @@ class ShardSetInfo:
     shards: list[ShardInfo] = field(default_factory=list)
     manifest_path: str | None = None
     shards_json_path: str | None = None
+    batch_diversity: dict[str, Any] | None = None
+    """:func:`batch_diversity` of the write order (set with the manifest)."""
 
     @property
     def n_samples(self) -> int:
@@ -253,7 +261,9 @@ def _manifest_row(key: str, shard: str, index: int, rs_shape: Sequence[int], sv_
     bbox = meta.get("bbox") or [None] * 4
     row["lon_min"], row["lat_max"], row["lon_max"], row["lat_min"] = bbox
     row["bands"] = list(meta.get("bands") or [])
-    row["rs_bands"], row["rs_height"], row["rs_width"] = (int(v) for v in rs_shape)
+    shape = [int(v) for v in rs_shape]
+    row["rs_dates"] = shape[0] if len(shape) == 4 else 1
+    row["rs_bands"], row["rs_height"], row["rs_width"] = shape[-3:]
     row["sv_bytes"] = sv_bytes
     return row
 
@@ -299,6 +309,7 @@ class ShardWriter:
         self._n_in_shard = 0
         self._first_key = ""
         self._last_key: str | None = None
+        self._keys: set[str] = set()
         self._closed = False
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -361,19 +372,18 @@ class ShardWriter:
         """Write one sample given its already-encoded members (low-level).
 
         Args:
-            key: Sample key; must be greater than the previous key.
+            key: Sample key; must not have been written before (any order otherwise).
             members: ``(suffix, bytes)`` pairs, e.g. ``("rs.npy", b"...")``; written in order.
 
         Raises:
-            ShardWriteError: On a bad or out-of-order key.
+            ShardWriteError: On a bad or duplicate key.
         """
         if self._closed:
             raise ShardWriteError("writer is closed")
         validate_key_part(key)
-        if self._last_key is not None and key <= self._last_key:
-            raise ShardWriteError(
-                f"keys must be strictly increasing (sort samples by key): {key!r} after {self._last_key!r}"
-            )
+        if key in self._keys:
+            raise ShardWriteError(f"duplicate key {key!r}: keys must be unique within a shard set")
+        self._keys.add(key)
         if self._fh is None:
             self._open_shard()
             self._first_key = key
@@ -395,8 +405,8 @@ class ShardWriter:
         """Write one sample.
 
         Args:
-            key: ``<tile_id>_<sv_id>``; must be greater than the previous key.
-            rs: uint16 ``bands x H x W`` chip.
+            key: ``<tile_id>_<sv_id>``; unique within the shard set.
+            rs: uint16 ``bands x H x W`` chip, or ``dates x bands x H x W`` for several dates.
             sv_jpeg: JPEG bytes.
             meta: Sample JSON (must be JSON-serialisable, no NaN).
 
@@ -411,7 +421,8 @@ class ShardWriter:
         index = self._n_in_shard if self._fh is not None else 0
         self.write_members(key, (("rs.npy", rs_bytes), ("sv.jpg", sv_jpeg), ("json", json_bytes)))
         if self.write_manifest:
-            self._rows.append(_manifest_row(key, shard, index, np.shape(rs), len(sv_jpeg), meta))
+            shape = contract.canonical_rs(np.asarray(rs)).shape
+            self._rows.append(_manifest_row(key, shard, index, shape, len(sv_jpeg), meta))
 
     def abort(self) -> None:
         """Stop without publishing the current shard or writing a manifest."""
@@ -447,12 +458,14 @@ class ShardWriter:
         return self.info
 
     def _write_manifest(self) -> None:
+        self.info.batch_diversity = batch_diversity([(str(r["key"]), r.get("tile_id")) for r in self._rows])
         shards_doc = {
             "format_version": FORMAT_VERSION,
             "name": self.name,
             "n_samples": self.info.n_samples,
             "n_shards": len(self.info.shards),
             "members": list(MEMBER_SUFFIXES),
+            "batch_diversity": self.info.batch_diversity,
             "shards": [
                 {"path": Path(s.path).name, "n_samples": s.n_samples, "bytes": s.bytes,
                  "sha256": s.sha256, "first_key": s.first_key, "last_key": s.last_key}
@@ -467,6 +480,64 @@ class ShardWriter:
         os.replace(tmp, shards_json)
         self.info.manifest_path = str(manifest)
         self.info.shards_json_path = str(shards_json)
+
+
+BATCH_DIVERSITY_SIZE = 256
+"""Batch size at which :func:`batch_diversity` measures a shard set's write order."""
+
+
+def distinct_tiles_per_batch(tile_ids: Sequence[Any], batch_size: int = BATCH_DIVERSITY_SIZE) -> float:
+    """Mean number of distinct tiles per block of ``batch_size`` consecutive samples.
+
+    Measures the order samples are stored in (not the loader's shuffle): the samples are cut into
+    consecutive blocks ``[0, batch_size), [batch_size, 2 * batch_size), ...``; a trailing partial
+    block is ignored unless it is the only block.
+
+    Args:
+        tile_ids: The tile of every sample, in storage order.
+        batch_size: Samples per block.
+
+    Returns:
+        The mean distinct-tile count per block (``batch_size`` at best); 0.0 without samples.
+
+    Raises:
+        ValueError: If ``batch_size < 1``.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    ids = list(tile_ids)
+    if not ids:
+        return 0.0
+    n_full = len(ids) // batch_size
+    blocks = [ids[i * batch_size:(i + 1) * batch_size] for i in range(n_full)] or [ids]
+    return sum(len(set(b)) for b in blocks) / len(blocks)
+
+
+def batch_diversity(key_tiles: Sequence[tuple[str, Any]],
+                    batch_size: int = BATCH_DIVERSITY_SIZE) -> dict[str, Any]:
+    """Distinct tiles per batch of a shard set, in key order ("before") and in write order ("after").
+
+    Key order (``<tile_id>_<sv_id>`` sorted) groups the samples of a tile together, which is how shards
+    were written before format 2; the write order is what the shards hold.
+
+    Args:
+        key_tiles: ``(key, tile_id)`` of every sample, in write order (a missing tile id counts the
+            sample as its own tile).
+        batch_size: Samples per batch.
+
+    Returns:
+        ``{"batch_size", "n_samples", "n_tiles", "distinct_tiles_per_batch_before",
+        "distinct_tiles_per_batch_after"}`` (the two means rounded to 4 decimals).
+    """
+    tiles = [str(t) if t is not None else f"key:{k}" for k, t in key_tiles]
+    before = [t for _, t in sorted(zip((k for k, _ in key_tiles), tiles, strict=True))]
+    return {
+        "batch_size": int(batch_size),
+        "n_samples": len(tiles),
+        "n_tiles": len(set(tiles)),
+        "distinct_tiles_per_batch_before": round(distinct_tiles_per_batch(before, batch_size), 4),
+        "distinct_tiles_per_batch_after": round(distinct_tiles_per_batch(tiles, batch_size), 4),
+    }
 
 
 def write_manifest_parquet(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> None:
@@ -497,8 +568,8 @@ def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike[str], *, 
     """Write samples into a complete shard set (shards, then manifest).
 
     Args:
-        samples: Samples in strictly increasing key order (or any order with ``sort=True``,
-            which materialises them all in memory; fine for small sets).
+        samples: Samples with unique keys, written in the given order (``sort=True`` sorts them by
+            key first, which materialises them all in memory; fine for small sets).
         out_dir: Output folder.
         name: Shard set name; shards are ``<name>-%06d.tar``.
         samples_per_shard: Maximum samples per shard.

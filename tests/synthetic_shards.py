@@ -41,7 +41,8 @@ def _synthetic_rs(rng: np.random.Generator, bands: int, size: int) -> np.ndarray
 
 def write_synthetic_shards(out_dir: str | os.PathLike[str], n_samples: int, *, rs_size: int = 64,
                            sv_size: int = 64, bands: int = 10, samples_per_shard: int = 64,
-                           seed: int = 0, name: str = "synthetic", points_per_tile: int = 4) -> list[str]:
+                           seed: int = 0, name: str = "synthetic", points_per_tile: int = 4,
+                           dates: int = 1) -> list[str]:
     """Write ``n_samples`` synthetic samples as WebDataset shards (plus manifest).
 
     Args:
@@ -54,6 +55,9 @@ def write_synthetic_shards(out_dir: str | os.PathLike[str], n_samples: int, *, r
         seed: RNG seed (same seed and arguments give byte-identical shards).
         name: Shard set name (``<name>-%06d.tar``).
         points_per_tile: SV points per tile.
+        dates: Dates per sample: 1 writes ``rs.npy`` as ``bands x H x W`` (format 1 samples); ``D >= 2``
+            writes ``D x bands x H x W`` and a ``dates`` list in the JSON (date ``d`` is item
+            ``synthetic-item-<tile % 3>-d<d>``, date 0 matching the top-level fields).
 
     Returns:
         Absolute shard paths, in order.
@@ -95,6 +99,12 @@ def write_synthetic_shards(out_dir: str | os.PathLike[str], n_samples: int, *, r
                 "split": _SPLIT_CYCLE[t % len(_SPLIT_CYCLE)],
                 "synthetic": True,
             }
-            writer.write(sample_key(tile_id, sv_id), _synthetic_rs(rng, bands, rs_size),
-                         _synthetic_jpeg(rng, sv_size), meta)
+            rs = _synthetic_rs(rng, bands, rs_size)
+            if dates > 1:
+                rs = np.stack([rs, *(_synthetic_rs(rng, bands, rs_size) for _ in range(dates - 1))])
+                meta["dates"] = [{"item_id": f"synthetic-item-{t % 3}" + (f"-d{d}" if d else ""),
+                                  "datetime": f"{2023 - d}-06-01T10:00:00Z", "platform": "synthetic",
+                                  "processing_baseline": None, "harmonized": False, "cloud_cover": None}
+                                 for d in range(dates)]
+            writer.write(sample_key(tile_id, sv_id), rs, _synthetic_jpeg(rng, sv_size), meta)
     return writer.info.paths

@@ -24,6 +24,8 @@ from gair_dataset.shards import (
     Sample,
     ShardWriteError,
     ShardWriter,
+    batch_diversity,
+    distinct_tiles_per_batch,
     encode_rs,
     expected_shard_count,
     list_shards,
@@ -104,17 +106,64 @@ def test_no_empty_shards_and_exact_multiples(tmp_path: Path) -> None:
 
 def test_order_and_dtype_contract(tmp_path: Path) -> None:
     s = _samples(2)
-    with pytest.raises(ShardWriteError, match="increasing"):
-        write_shards([s[1], s[0]], tmp_path / "o")
-    with pytest.raises(ShardWriteError, match="increasing"):
-        write_shards([s[0], s[0]], tmp_path / "d")
+    # any order is written as given (the caller's order is the shard order); keys must be unique
+    info = write_shards([s[1], s[0]], tmp_path / "o")
+    with tarfile.open(info.paths[0]) as tf:
+        assert [m.name.split(".")[0] for m in tf.getmembers()][::3] == [s[1].key, s[0].key]
+    with pytest.raises(ShardWriteError, match="duplicate"):
+        write_shards([s[0], s[1], s[0]], tmp_path / "d")
     with pytest.raises(ShardWriteError):
         encode_rs(np.full((1, 2, 2), -1, np.int32))
     with pytest.raises(ShardWriteError):
         encode_rs(np.zeros((2, 2), np.uint16))
+    with pytest.raises(ShardWriteError):
+        encode_rs(np.zeros((1, 1, 2, 2, 2), np.uint16))
     assert np.load(io.BytesIO(encode_rs(np.ones((1, 2, 2), np.uint8))), allow_pickle=False).dtype == np.uint16
+    # several dates: D x C x H x W; a single date given as 1 x C x H x W is stored as C x H x W
+    multi = np.arange(3 * 2 * 4 * 4, dtype=np.uint16).reshape(3, 2, 4, 4)
+    np.testing.assert_array_equal(np.load(io.BytesIO(encode_rs(multi)), allow_pickle=False), multi)
+    assert encode_rs(multi[:1]) == encode_rs(multi[0])
     # a failed run publishes nothing it had not completed and writes no manifest
-    assert not (tmp_path / "o" / "shards.json").exists()
+    assert not (tmp_path / "d" / "shards.json").exists()
+
+
+def test_distinct_tiles_per_batch_hand_computed() -> None:
+    # blocks of 4: [a a b c] -> 3, [c c c c] -> 1, [d e f g] -> 4; the trailing [a] is ignored: (3 + 1 + 4) / 3
+    ids = list("aabc") + list("cccc") + list("defg") + ["a"]
+    assert distinct_tiles_per_batch(ids, 4) == pytest.approx(8 / 3)
+    assert distinct_tiles_per_batch(list("aab"), 4) == 2.0  # fewer samples than a batch: one partial block
+    assert distinct_tiles_per_batch([], 4) == 0.0
+    assert distinct_tiles_per_batch(list("abab"), 1) == 1.0
+    with pytest.raises(ValueError):
+        distinct_tiles_per_batch(ids, 0)
+    # before = key order (tile-grouped), after = the order given
+    written = [("a_1", "a"), ("b_1", "b"), ("a_2", "a"), ("b_2", "b")]
+    assert batch_diversity(written, 2) == {
+        "batch_size": 2, "n_samples": 4, "n_tiles": 2,
+        "distinct_tiles_per_batch_before": 1.0, "distinct_tiles_per_batch_after": 2.0}
+
+
+def test_shards_json_records_batch_diversity(tmp_path: Path) -> None:
+    samples = _samples(9)  # tiles t000..t002, three samples each, in key order
+    info = write_shards([samples[i] for i in (0, 3, 6, 1, 4, 7, 2, 5, 8)], tmp_path, samples_per_shard=4)
+    doc = read_shards_json(tmp_path)
+    assert doc["format_version"] == 2
+    want = {"batch_size": 256, "n_samples": 9, "n_tiles": 3, "distinct_tiles_per_batch_before": 3.0,
+            "distinct_tiles_per_batch_after": 3.0}
+    assert doc["batch_diversity"] == want == info.batch_diversity
+    assert batch_diversity([(s.key, s.meta["tile_id"]) for s in samples], 3)["distinct_tiles_per_batch_before"] == 1.0
+    man = gpd.read_parquet(info.manifest_path)
+    assert list(man["key"]) == [samples[i].key for i in (0, 3, 6, 1, 4, 7, 2, 5, 8)]
+    assert set(man["rs_dates"]) == {1}
+
+
+def test_multi_date_manifest_columns(tmp_path: Path) -> None:
+    s = _samples(2)
+    multi = Sample(s[0].key, np.stack([s[0].rs, s[0].rs + 1, s[0].rs + 2]), s[0].sv_jpeg, s[0].meta)
+    info = write_shards([multi, s[1]], tmp_path)
+    man = gpd.read_parquet(info.manifest_path)
+    assert list(man["rs_dates"]) == [3, 1]
+    assert list(man["rs_bands"]) == [2, 2] and list(man["rs_height"]) == [8, 8] and list(man["rs_width"]) == [8, 8]
 
 
 def test_rerun_replaces_stale_shards_and_manifest(tmp_path: Path) -> None:

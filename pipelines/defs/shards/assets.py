@@ -4,14 +4,15 @@ import io
 import json
 import tarfile
 from pathlib import Path
+from typing import cast
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from gair_dataset.contract import KEY_PATTERN, MANIFEST_NAME, MEMBER_SUFFIXES, decode_npy
-from gair_dataset.samples import build_shards_from_pairs, iter_items
+from gair_dataset.contract import KEY_PATTERN, MANIFEST_NAME, MEMBER_SUFFIXES, decode_npy, rs_dates
+from gair_dataset.samples import DEFAULT_INTERLEAVE_TILES, build_shards_from_pairs, iter_items
 from gair_dataset.shards import iter_raw_samples, read_shards_json
 from gair_dataset.stac_catalog import read_items
 from pipelines.common.plots import figure_md, plt
@@ -30,6 +31,8 @@ class ShardsConfig(dg.Config):
     max_cloud_fraction: float = 0.1
     sv_max_side: int = 1024
     chip_workers: int = 4  # threads reading chips ahead; also the bound on concurrent remote reads
+    max_dates: int = 0  # dates (passing items) per sample's rs.npy; 0: the region's tile_grid.items_per_tile
+    interleave_tiles: int = DEFAULT_INTERLEAVE_TILES  # tiles interleaved together (chips held in memory)
 
 
 def shard_dir(data_root: DataRoot, region: str) -> Path:
@@ -55,7 +58,8 @@ def shards(context: dg.AssetExecutionContext, config: ShardsConfig, raster_acces
         pairs_df, items, out, tiles=tiles_df, name=region.name, samples_per_shard=config.samples_per_shard,
         out_size=region.grid.tile_px, signer=raster_access.signer(), gdal_env=raster_access.gdal_env(),
         max_nodata_fraction=config.max_nodata_fraction, max_cloud_fraction=config.max_cloud_fraction,
-        sv_max_side=config.sv_max_side, synthetic=synthetic, chip_workers=config.chip_workers)
+        sv_max_side=config.sv_max_side, synthetic=synthetic, chip_workers=config.chip_workers,
+        max_dates=config.max_dates or region.grid.items_per_tile, interleave_tiles=config.interleave_tiles)
     by_reason = report.rejected_by_reason()
     for r in report.rejections[:20]:
         context.log.warning("rejected %s (%s): %s", r.key or r.sv_id, r.stage, r.reason)
@@ -71,7 +75,9 @@ def shards(context: dg.AssetExecutionContext, config: ShardsConfig, raster_acces
     stats = {"pairs": report.n_pairs, "samples": report.n_written, "rejected": report.n_rejected,
              "rejected_by_reason": by_reason, "shards": len(shard_set.shards), "bytes": total_bytes,
              "splits": splits, "chip_reads": report.n_chip_reads, "sv_reencoded": report.n_reencoded_sv,
-             "panorama_crops": report.n_panorama_crops, "path": str(out)}
+             "panorama_crops": report.n_panorama_crops, "path": str(out),
+             "dates_per_sample": {str(k): v for k, v in sorted(report.dates_per_sample.items())},
+             "batch_diversity": shard_set.batch_diversity}
     data_root.write_stats("shards", region.name, stats)
     context.log.info("%d samples in %d shards (%.1f MB), %d rejected %s", report.n_written,
                      len(shard_set.shards), total_bytes / 1e6, report.n_rejected, by_reason)
@@ -82,6 +88,9 @@ def shards(context: dg.AssetExecutionContext, config: ShardsConfig, raster_acces
         "num_shards": len(shard_set.shards),
         "bytes": total_bytes,
         "splits": dg.MetadataValue.json(splits),
+        "dates_per_sample": dg.MetadataValue.json(cast(dict, stats["dates_per_sample"])),
+        "batch_diversity": dg.MetadataValue.json(shard_set.batch_diversity or {}),
+        "distinct_tiles_per_batch": float((shard_set.batch_diversity or {}).get("distinct_tiles_per_batch_after", 0.0)),
         "path": dg.MetadataValue.path(str(out)),
         "preview": preview(shard_set.paths[0]),
     })
@@ -92,7 +101,7 @@ def preview(shard: str, n: int = 4) -> dg.MetadataValue:
     fig, axes = plt.subplots(n, 2, figsize=(6, 3 * n), squeeze=False)
     for row, (_key, m) in enumerate(iter_raw_samples(shard, limit=n)):
         meta = json.loads(m["json"])
-        rs = decode_npy(m["rs.npy"]).astype(np.float32)
+        rs = rs_dates(decode_npy(m["rs.npy"]))[0].astype(np.float32)  # date 0 of a multi-date sample
         bands = meta.get("bands", [])
         idx = [bands.index(b) for b in ("B04", "B03", "B02") if b in bands] or [0, 0, 0]
         rgb = np.stack([rs[i] for i in idx], axis=-1)
