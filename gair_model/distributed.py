@@ -96,6 +96,28 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0, differentiably (open_clip's ``gather_with_grad``).
+
+    Uses ``torch.distributed.nn.functional.all_gather``, whose backward sums the gradients that every rank's loss
+    sends to a rank's slice and routes them back to that rank (reduce-scatter on NCCL, all-to-all on gloo). So when
+    each rank computes a loss of its local rows against the gathered keys and DDP averages the parameter gradients,
+    the result is the gradient of the mean of the ranks' losses, i.e. of the single-process loss over the global
+    batch. Every rank must pass a tensor of the same shape. Identity in a single process.
+
+    Args:
+        x: ``B x ...`` local tensor.
+
+    Returns:
+        ``(world_size * B) x ...``, rank ``r``'s rows at ``[r * B, (r + 1) * B)``.
+    """
+    if not active():
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """Gather a picklable object from every rank (``[obj]`` in a single process)."""
     if not active():

@@ -121,21 +121,30 @@ def _skip_bad_sample(exn: Exception) -> bool:
 # --------------------------------------------------------------------------------------------
 # decoding
 # --------------------------------------------------------------------------------------------
-def decode_sv(data: bytes, size: int, *, flip: bool = False) -> np.ndarray:
-    """Decode a JPEG into a ``size x size x 3`` uint8 array (shorter side resize + centre crop).
+SV_RESIZE_MODES: tuple[str, ...] = ("crop", "full")
+"""``sv_resize`` values: ``crop`` (shorter side + centre crop, ours) or ``full`` (whole image, the authors')."""
 
-    Large JPEGs are decoded at a reduced DCT scale (``Image.draft``) that still keeps the shorter
-    side >= ``size``, then resized with PIL's antialiasing bilinear filter in one step with the
-    crop box.
+
+def decode_sv(data: bytes, size: int, *, flip: bool = False, mode: str = "crop") -> np.ndarray:
+    """Decode a JPEG into a ``size x size x 3`` uint8 array.
+
+    ``mode="crop"`` (ours): shorter-side resize + centre crop, the aspect ratio is kept and the
+    sides of a wide image are lost. ``mode="full"`` (the authors'): the whole image is resized to
+    ``size x size`` (aspect not kept, nothing cropped). Large JPEGs are decoded at a reduced DCT
+    scale (``Image.draft``) that still keeps both sides >= ``size``, then resized with PIL's
+    antialiasing bilinear filter in one step (with the crop box for ``crop``).
 
     Args:
         data: Encoded image bytes.
         size: Output side length.
         flip: Mirror horizontally.
+        mode: ``crop`` or ``full``.
 
     Returns:
         ``H x W x 3`` uint8 RGB array.
     """
+    if mode not in SV_RESIZE_MODES:
+        raise LoaderConfigError(f"sv_resize must be one of {SV_RESIZE_MODES}, got {mode!r}")
     try:
         img: Image.Image = Image.open(io.BytesIO(data))
         if img.format == "JPEG":
@@ -143,9 +152,12 @@ def decode_sv(data: bytes, size: int, *, flip: bool = False) -> np.ndarray:
         if img.mode != "RGB":
             img = img.convert("RGB")
         w, h = img.size
-        s = min(w, h)
-        left, top = (w - s) / 2.0, (h - s) / 2.0
-        img = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + s, top + s))
+        if mode == "full":
+            img = img.resize((size, size), Image.Resampling.BILINEAR)
+        else:
+            s = min(w, h)
+            left, top = (w - s) / 2.0, (h - s) / 2.0
+            img = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + s, top + s))
         if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(img)
@@ -207,13 +219,32 @@ class RSNormalizer:
         return out
 
 
-def resize_rs(x: np.ndarray, size: int) -> np.ndarray:
-    """Bilinearly resize a ``C x H x W`` float32 array to ``C x size x size`` (antialiased)."""
+RS_RESIZE_MODES: tuple[str, ...] = ("bilinear", "bicubic")
+"""``rs_resize`` values: ``bilinear`` (ours) or ``bicubic`` (the authors')."""
+
+
+def resize_rs(x: np.ndarray, size: int, mode: str = "bilinear") -> np.ndarray:
+    """Resize a ``C x H x W`` float32 array to ``C x size x size`` (``F.interpolate``, antialiased when shrinking).
+
+    ``bilinear`` (ours) keeps values inside the input range; ``bicubic`` (the authors') is
+    sharper but can overshoot [0, 1] slightly near edges (not clipped, as torchvision's bicubic
+    ``Resize`` of float tensors). A chip already at ``size`` is returned unchanged.
+
+    Args:
+        x: ``C x H x W`` float32 array.
+        size: Output side length.
+        mode: ``bilinear`` or ``bicubic``.
+
+    Returns:
+        ``C x size x size`` float32 array.
+    """
+    if mode not in RS_RESIZE_MODES:
+        raise LoaderConfigError(f"rs_resize must be one of {RS_RESIZE_MODES}, got {mode!r}")
     if x.shape[1] == size and x.shape[2] == size:
         return x
     t = torch.from_numpy(x)[None]
     antialias = size < x.shape[1] or size < x.shape[2]
-    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False,
+    return F.interpolate(t, size=(size, size), mode=mode, align_corners=False,
                          antialias=antialias)[0].numpy()
 
 
@@ -271,17 +302,97 @@ def _parse_and_select(splits: tuple[str, ...] | None,
     return stage
 
 
-def _color_jitter_rs(x: np.ndarray, rng: np.random.Generator, strength: float = 0.2) -> np.ndarray:
-    """Brightness and contrast jitter of a normalised RS chip (no geometry change)."""
-    b = rng.uniform(1 - strength, 1 + strength)
-    c = rng.uniform(1 - strength, 1 + strength)
-    m = x.mean(axis=(1, 2), keepdims=True)
-    x = (x - m) * c + m * b
-    return np.clip(x, 0.0, 1.0, out=x)
+RS_JITTER_MODES: tuple[str, ...] = ("all_bands", "three_bands")
+"""``rs_jitter`` values: ``all_bands`` (ours) or ``three_bands`` (the authors')."""
+
+RS_JITTER_STRENGTHS: tuple[float, float, float] = (0.4, 0.4, 0.4)
+"""Brightness / contrast / saturation strengths of ``three_bands`` (DESIGN.md gives none: torchvision's usual 0.4)."""
+
+
+def _color_jitter_rs(x: np.ndarray, rng: np.random.Generator, strength: float = 0.2, *, mode: str = "all_bands",
+                     bands: Sequence[str] | None = None, p: float = 0.7) -> np.ndarray:
+    """Colour jitter of a normalised ``C x H x W`` RS chip in [0, 1] (never a geometry change).
+
+    * ``all_bands`` (ours): brightness and contrast (``+-strength``) of every band, always applied.
+    * ``three_bands`` (the authors'): with probability ``p``, a torchvision-style ``ColorJitter``
+      (brightness, contrast, saturation, strengths :data:`RS_JITTER_STRENGTHS`, in a random order,
+      clamped to [0, 1] after each) of the RGB bands only: ``B04``/``B03``/``B02`` (or
+      ``red``/``green``/``blue``) found in the sample's band names, else the first three bands
+      read as ``B02, B03, B04`` (the GAIR band order). Every other band is left untouched.
+
+    Args:
+        x: Normalised chip (modified in place for ``all_bands``).
+        rng: The stage's seeded generator.
+        strength: ``all_bands`` strength.
+        mode: ``all_bands`` or ``three_bands``.
+        bands: The sample's band names (``three_bands``), or None.
+        p: Probability of applying ``three_bands`` (``all_bands`` always applies).
+
+    Returns:
+        The jittered chip.
+    """
+    if mode == "all_bands":
+        b = rng.uniform(1 - strength, 1 + strength)
+        c = rng.uniform(1 - strength, 1 + strength)
+        m = x.mean(axis=(1, 2), keepdims=True)
+        x = (x - m) * c + m * b
+        return np.clip(x, 0.0, 1.0, out=x)
+    if mode != "three_bands":
+        raise LoaderConfigError(f"rs_jitter must be one of {RS_JITTER_MODES}, got {mode!r}")
+    if rng.random() >= p:
+        return x
+    names = [str(n) for n in bands] if bands else []
+    idx: list[int] = []
+    for aliases in (("B04", "red"), ("B03", "green"), ("B02", "blue")):
+        idx.extend(names.index(a) for a in aliases if a in names)
+    if len(idx) != 3:
+        idx = [2, 1, 0]  # first three bands, in the GAIR order B02, B03, B04
+    rgb = x[idx].astype(np.float32)  # R, G, B copy
+    factors = [rng.uniform(max(0.0, 1 - s), 1 + s) for s in RS_JITTER_STRENGTHS]
+    weights = np.array([0.2989, 0.587, 0.114], dtype=np.float32).reshape(3, 1, 1)  # torchvision rgb_to_grayscale
+    for op in rng.permutation(3):
+        f = np.float32(factors[op])
+        if op == 0:  # brightness
+            rgb = rgb * f
+        elif op == 1:  # contrast: blend with the mean grey level
+            rgb = f * rgb + (1 - f) * (rgb * weights).sum(axis=0).mean()
+        else:  # saturation: blend with the grey image
+            rgb = f * rgb + (1 - f) * (rgb * weights).sum(axis=0, keepdims=True)
+        np.clip(rgb, 0.0, 1.0, out=rgb)
+    out = x.copy()
+    out[idx] = rgb
+    return out
+
+
+def _select_date(rs: np.ndarray, meta: dict, rng: np.random.Generator, draw: bool) -> tuple[np.ndarray, dict]:
+    """One date of a multi-date ``rs.npy`` (``D x C x H x W``, see ``gair_dataset.contract.rs_dates``).
+
+    Training (``draw``) draws the date with the stage's seeded ``rng`` (one draw per multi-date sample);
+    otherwise date 0 (the least cloudy). A single-date ``C x H x W`` array and its meta pass unchanged
+    (nothing is drawn); a multi-date sample's meta gains ``date_index`` and ``date`` (that date's entry of
+    the json ``dates`` list, or None).
+    """
+    if rs.ndim != 4:
+        return rs, meta
+    if rs.shape[0] < 1:
+        raise SampleDecodeError(f"rs.npy has no date: shape {rs.shape}")
+    i = int(rng.integers(rs.shape[0])) if draw else 0
+    dates = meta.get("dates")
+    date = dates[i] if isinstance(dates, list) and i < len(dates) else None
+    return rs[i], {**meta, "date_index": i, "date": date}
 
 
 def _make_decoder(rs_size: int, sv_size: int, normalizer: RSNormalizer, sv_train_aug: bool,
-                  rs_train_aug: bool) -> Callable[[Iterator[dict], np.random.Generator], Iterator[dict]]:
+                  rs_train_aug: bool, *, rs_resize: str = "bilinear", rs_jitter: str = "all_bands",
+                  rs_jitter_p: float = 0.7,
+                  sv_resize: str = "crop") -> Callable[[Iterator[dict], np.random.Generator], Iterator[dict]]:
+    for name, value, allowed in (("rs_resize", rs_resize, RS_RESIZE_MODES), ("rs_jitter", rs_jitter, RS_JITTER_MODES),
+                                 ("sv_resize", sv_resize, SV_RESIZE_MODES)):
+        if value not in allowed:
+            raise LoaderConfigError(f"{name} must be one of {allowed}, got {value!r}")
+    if not 0.0 <= rs_jitter_p <= 1.0:
+        raise LoaderConfigError(f"rs_jitter_p must be in [0, 1], got {rs_jitter_p}")
+
     def stage(src: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
         for s in src:
             key, meta = s["__key__"], s["meta"]
@@ -294,11 +405,12 @@ def _make_decoder(rs_size: int, sv_size: int, normalizer: RSNormalizer, sv_train
                 rs = decode_npy(s["rs"])
                 if rs.dtype.kind not in "ui":
                     raise SampleDecodeError(f"{key}: rs.npy dtype {rs.dtype} is not integer")
-                rs_f = resize_rs(normalizer(rs, meta.get("bands")), rs_size)
+                rs, meta = _select_date(rs, meta, rng, rs_train_aug)  # D x C x H x W: one date per read
+                rs_f = resize_rs(normalizer(rs, meta.get("bands")), rs_size, rs_resize)
                 if rs_train_aug:
-                    rs_f = _color_jitter_rs(rs_f, rng)
+                    rs_f = _color_jitter_rs(rs_f, rng, mode=rs_jitter, bands=meta.get("bands"), p=rs_jitter_p)
                 flip = bool(sv_train_aug and rng.random() < 0.5)
-                sv = decode_sv(s["sv"], sv_size, flip=flip)
+                sv = decode_sv(s["sv"], sv_size, flip=flip, mode=sv_resize)
             except SampleDecodeError as exn:
                 _skip_bad_sample(exn)
                 continue
@@ -369,7 +481,9 @@ def build_dataset(shards: str | list[str], *, batch_size: int, rs_size: int, sv_
                   resampled: bool = True, shuffle_buffer: int = 1000, seed: int = 0,
                   splits: tuple[str, ...] | None = None, rs_stats: dict | None = None,
                   sv_train_aug: bool = False, rs_train_aug: bool = False,
-                  batches_per_worker: int | None = None, split_by_node: bool = True) -> wds.WebDataset:
+                  batches_per_worker: int | None = None, split_by_node: bool = True,
+                  rs_resize: str = "bilinear", rs_jitter: str = "all_bands", rs_jitter_p: float = 0.7,
+                  sv_resize: str = "crop") -> wds.WebDataset:
     """Build the batched WebDataset pipeline behind :func:`build_loader` (see there for arguments).
 
     Args:
@@ -384,10 +498,14 @@ def build_dataset(shards: str | list[str], *, batch_size: int, rs_size: int, sv_
         splits: Keep only samples whose json ``split`` is in this tuple.
         rs_stats: ``{"mean": [...], "std": [...]}`` per band, or None for the defaults.
         sv_train_aug: SV horizontal flip + colour jitter.
-        rs_train_aug: RS brightness/contrast jitter (never geometry).
+        rs_train_aug: RS colour jitter (never geometry), as ``rs_jitter`` says.
         batches_per_worker: If set, each worker yields exactly this many batches per epoch.
         split_by_node: Give each distributed rank its own shards (training); ``False`` reads every shard
             whatever ``RANK``/``WORLD_SIZE`` say (evaluation must see the whole set).
+        rs_resize: RS resize filter, ``bilinear`` (ours) or ``bicubic`` (the authors').
+        rs_jitter: RS colour jitter with ``rs_train_aug``: ``all_bands`` (ours) or ``three_bands`` (the authors').
+        rs_jitter_p: Probability of the ``three_bands`` jitter (the authors: 0.7).
+        sv_resize: ``crop`` (ours) or ``full`` (the authors'), see :func:`decode_sv`.
 
     Returns:
         A ``wds.WebDataset`` yielding collated batch dicts.
@@ -418,7 +536,9 @@ def build_dataset(shards: str | list[str], *, batch_size: int, rs_size: int, sv_
                                 MAX_CONSECUTIVE_SKIPS if resampled else None))
     if shuffle_on:
         ds.append(_SeededStage(_shuffle_stage(shuffle_buffer), seed, salt=1))
-    ds.append(_SeededStage(_make_decoder(rs_size, sv_size, normalizer, sv_train_aug, rs_train_aug),
+    ds.append(_SeededStage(_make_decoder(rs_size, sv_size, normalizer, sv_train_aug, rs_train_aug,
+                                         rs_resize=rs_resize, rs_jitter=rs_jitter, rs_jitter_p=rs_jitter_p,
+                                         sv_resize=sv_resize),
                            seed, salt=2))
     ds.append(wds.batched(batch_size, collation_fn=_Collate(sv_train_aug, seed), partial=not resampled))
     if batches_per_worker is not None:
@@ -430,14 +550,15 @@ def build_loader(shards: str | list[str], *, batch_size: int, rs_size: int, sv_s
                  resampled: bool = True, shuffle_buffer: int = 1000, num_workers: int = 0, seed: int = 0,
                  splits: tuple[str, ...] | None = None, epoch_samples: int | None = None,
                  rs_stats: dict | None = None, sv_train_aug: bool = False,
-                 rs_train_aug: bool = False, split_by_node: bool = True) -> wds.WebLoader:
+                 rs_train_aug: bool = False, split_by_node: bool = True, rs_resize: str = "bilinear",
+                 rs_jitter: str = "all_bands", rs_jitter_p: float = 0.7, sv_resize: str = "crop") -> wds.WebLoader:
     """Build the training/evaluation loader over GAIR WebDataset shards.
 
     Args:
         shards: Shard paths/URLs, a brace pattern, a glob, or a shard-set folder.
         batch_size: Samples per batch (batching happens inside the workers).
-        rs_size: RS chips are resized (bilinear, antialiased) to ``rs_size x rs_size``.
-        sv_size: SV images are resized (shorter side) and centre-cropped to ``sv_size``.
+        rs_size: RS chips are resized (``rs_resize``, antialiased) to ``rs_size x rs_size``.
+        sv_size: SV images are resized to ``sv_size x sv_size`` (``sv_resize``).
         rs_bands: Expected number of RS bands (checked on every sample).
         resampled: Training mode: infinite stream of shards drawn with replacement, partial
             batches dropped. ``False``: one pass over the shards, last partial batch kept.
@@ -450,8 +571,15 @@ def build_loader(shards: str | list[str], *, batch_size: int, rs_size: int, sv_s
         rs_stats: ``{"mean": [...], "std": [...]}`` (``rs_bands`` values each, DN units); None
             uses the documented Sentinel-2 L2A defaults selected by the samples' band names.
         sv_train_aug: SV horizontal flip + colour jitter.
-        rs_train_aug: RS colour (brightness/contrast) jitter; never flips or rotations.
+        rs_train_aug: RS colour jitter (``rs_jitter``); never flips or rotations.
         split_by_node: Split the shards between distributed ranks (``False`` for evaluation: every shard).
+        rs_resize: ``bilinear`` (ours, default) or ``bicubic`` (the authors'), see :func:`resize_rs`.
+        rs_jitter: ``all_bands`` (ours, default: brightness/contrast of every band, always) or
+            ``three_bands`` (the authors': colour jitter of the RGB bands with probability
+            ``rs_jitter_p``), see :func:`_color_jitter_rs`. Only with ``rs_train_aug``.
+        rs_jitter_p: Probability of the ``three_bands`` jitter (0.7, the authors').
+        sv_resize: ``crop`` (ours, default: shorter side + centre crop, aspect kept) or ``full``
+            (the authors': the whole image to ``sv_size x sv_size``, aspect not kept).
 
     Returns:
         A ``wds.WebLoader`` of batch dicts (``rs``, ``sv``, ``lonlat``, ``rel_xy``, ``key``,
@@ -468,7 +596,8 @@ def build_loader(shards: str | list[str], *, batch_size: int, rs_size: int, sv_s
         shards, batch_size=batch_size, rs_size=rs_size, sv_size=sv_size, rs_bands=rs_bands,
         resampled=resampled, shuffle_buffer=shuffle_buffer, seed=seed, splits=splits, rs_stats=rs_stats,
         sv_train_aug=sv_train_aug, rs_train_aug=rs_train_aug, batches_per_worker=per_worker,
-        split_by_node=split_by_node,
+        split_by_node=split_by_node, rs_resize=rs_resize, rs_jitter=rs_jitter, rs_jitter_p=rs_jitter_p,
+        sv_resize=sv_resize,
     )
     kw: dict[str, Any] = {}
     if num_workers > 0:
@@ -511,6 +640,8 @@ def compute_rs_stats(shards: str | list[str], *, max_samples: int = 2000, bands:
         if RS_MEMBER not in raw:
             continue
         a = decode_npy(raw[RS_MEMBER]).astype(np.float64)
+        if a.ndim == 4:  # D x C x H x W (several dates): every date's pixels count
+            a = a.swapaxes(0, 1)
         if bands is not None and a.shape[0] != bands:
             raise LoaderConfigError(f"{raw['__key__']}: {a.shape[0]} bands, expected {bands}")
         a = a.reshape(a.shape[0], -1)

@@ -4,6 +4,8 @@
   token grid as ``B x D x Hg x Wg`` (:meth:`RSEncoder.forward_tokens`); the global RS embedding is the mean of the
   tokens (:meth:`RSEncoder.forward_global`).
 * :class:`SVEncoder`: the street-view ViT-B/16 at 224 px; CLS token -> Linear + tanh pooler -> Linear projection.
+* :class:`FrozenTeacher` and :func:`build_teachers`: the frozen distillation targets (the authors: a frozen copy of
+  the pretrained RS encoder, and an ImageNet-21k ViT-B/16 for SV), loaded from local files only.
 
 Both are randomly initialised by default (``pretrained=False``; nothing is ever downloaded) and can load a local
 state-dict / safetensors file with :func:`load_local_weights`.
@@ -15,7 +17,7 @@ import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import timm
 import torch
@@ -23,7 +25,16 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.nn import functional as F
 
+if TYPE_CHECKING:
+    from gair_model.models.gair import GAIRConfig
+
 logger = logging.getLogger(__name__)
+
+#: Values of ``GAIRConfig.sv_distill_feature``: the SV feature that is distilled towards the teacher.
+SV_DISTILL_FEATURES: tuple[str, ...] = ("pooled", "cls")
+
+#: Key suffixes of a Linear + tanh pooler inside a weights file (HuggingFace ViT, and this project's SVEncoder).
+_POOLER_KEYS: tuple[str, ...] = ("pooler.dense.", "pooler.0.")
 
 #: Known timm ViT architectures by short size name.
 VIT_ARCHS: dict[str, str] = {
@@ -120,6 +131,40 @@ def load_local_weights(
         len(result.unexpected_keys),
     )
     return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def load_local_pooler(pooler: nn.Module, path: str | Path) -> bool:
+    """Load a Linear + tanh pooler from a local weights file, if it holds exactly one.
+
+    Looks for ``...pooler.dense.weight`` / ``.bias`` (HuggingFace ``ViTModel``, e.g. the ImageNet-21k ViT-B/16 the
+    authors use) or ``...pooler.0.weight`` / ``.bias`` (an :class:`SVEncoder` or a GAIR checkpoint).
+
+    Args:
+        pooler: ``nn.Sequential(nn.Linear(D, D), nn.Tanh())``.
+        path: ``.safetensors`` or torch state-dict file.
+
+    Returns:
+        Whether pooler weights were found and loaded.
+    """
+    state = _read_state_dict(path)
+    linear = cast(nn.Linear, cast(nn.Sequential, pooler)[0])
+    found = []
+    for key in state:
+        for stem in _POOLER_KEYS:
+            if key.endswith(stem + "weight"):
+                base = key[: -len("weight")]
+                if base + "bias" in state and state[key].shape == linear.weight.shape:
+                    found.append(base)
+    if len(found) != 1:
+        if found:
+            logger.warning("%s holds %d poolers (%s); none loaded", path, len(found), found)
+        return False
+    base = found[0]
+    with torch.no_grad():
+        linear.weight.copy_(state[base + "weight"])
+        linear.bias.copy_(state[base + "bias"])
+    logger.info("loaded the SV pooler from %s (%s*)", path, base)
+    return True
 
 
 def _build_vit(arch: str, img_size: int, patch_size: int, in_chans: int, drop_path_rate: float,
@@ -232,6 +277,8 @@ class SVEncoder(nn.Module):
         self.out_dim: int = out_dim or self.embed_dim
         self.pooler = nn.Sequential(nn.Linear(self.embed_dim, self.embed_dim), nn.Tanh())
         self.proj = nn.Linear(self.embed_dim, self.out_dim)
+        #: Whether the pooler came from ``weights`` (a HuggingFace-style ``pooler.dense.*``); else random init.
+        self.pooler_loaded: bool = bool(weights) and load_local_pooler(self.pooler, cast(str | Path, weights))
 
     def forward_cls(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone CLS token (``B x D``, after the final norm)."""
@@ -248,3 +295,115 @@ class SVEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Projected SV embedding (``B x out_dim``), not normalised."""
         return self.head(self.forward_cls(x))
+
+
+class FrozenTeacher(nn.Module):
+    """A frozen distillation teacher: an RS or SV encoder that is never trained and always in eval mode.
+
+    * RS (:class:`RSEncoder`): the global embedding (mean of the tokens), as the authors' frozen copy of the
+      pretrained RS encoder.
+    * SV (:class:`SVEncoder`): ``feature="pooled"`` is the Linear + tanh pooler output (the authors': the
+      ImageNet-21k ViT-B/16's pooled output, as HuggingFace's ``ViTModel.pooler_output``); ``"cls"`` the final-norm
+      CLS token before the pooler (this project's earlier choice).
+
+    Args:
+        encoder: The encoder, already loaded with its weights.
+        feature: SV feature (``pooled`` or ``cls``); ignored for RS.
+    """
+
+    def __init__(self, encoder: RSEncoder | SVEncoder, *, feature: str = "pooled") -> None:
+        super().__init__()
+        if feature not in SV_DISTILL_FEATURES:
+            raise ValueError(f"feature must be one of {SV_DISTILL_FEATURES}, got {feature!r}")
+        self.encoder = encoder
+        self.kind = "rs" if isinstance(encoder, RSEncoder) else "sv"
+        self.feature = "global" if self.kind == "rs" else feature
+        self.embed_dim: int = encoder.embed_dim
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        """Stay in eval mode whatever ``mode`` says (no dropout / drop-path in the targets)."""
+        del mode
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Teacher feature (``B x D``) of an RS chip or SV image batch."""
+        if isinstance(self.encoder, RSEncoder):
+            return self.encoder.forward_global(x)
+        if self.feature == "pooled":
+            return self.encoder.forward_pooled(x)
+        return self.encoder.forward_cls(x)
+
+
+def _require_file(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{what} weights file not found: {path} (teachers are loaded from local files only; nothing is downloaded)"
+        )
+    return path
+
+
+def _check_complete(missing: list[str], path: Path, what: str) -> None:
+    if missing:
+        raise ValueError(
+            f"{what} weights {path} lack {len(missing)} tensors of the encoder (e.g. {missing[:5]}); a teacher must be "
+            "a complete pretrained encoder in timm naming (check the key prefix)"
+        )
+
+
+def build_teachers(
+    config: GAIRConfig,
+    rs_teacher_weights: str | Path | None,
+    sv_teacher_weights: str | Path | None,
+    *,
+    rs_prefix: str | None = None,
+    sv_prefix: str | None = None,
+) -> tuple[nn.Module | None, nn.Module | None]:
+    """Build the frozen distillation teachers from local weights files (never downloads).
+
+    The RS teacher has the student's RS geometry (``rs_arch``, ``rs_img_size``, ``rs_patch_size``, ``rs_bands``); the
+    SV teacher the student's SV geometry and ``config.sv_distill_feature``. Every backbone tensor must be in the file
+    (a half-random teacher would be a meaningless target); with ``sv_distill_feature="pooled"`` the SV file must also
+    hold the pooler (``pooler.dense.*`` as in HuggingFace's ImageNet-21k ViT-B/16, or ``pooler.0.*``).
+
+    Args:
+        config: The student's configuration.
+        rs_teacher_weights: RS teacher weights (e.g. the pretrained RS encoder the student starts from), or None.
+        sv_teacher_weights: SV teacher weights (the authors: an ImageNet-21k ViT-B/16), or None.
+        rs_prefix: Key prefix of the RS ViT in its file (default ``config.rs_weights_prefix``).
+        sv_prefix: Key prefix of the SV ViT in its file (default ``config.sv_weights_prefix``).
+
+    Returns:
+        ``(rs_teacher, sv_teacher)``, :class:`FrozenTeacher` or None for each.
+
+    Raises:
+        FileNotFoundError: A given weights file does not exist.
+        ValueError: A file lacks tensors of the encoder (or the pooler for ``pooled``).
+    """
+    rs_teacher: nn.Module | None = None
+    sv_teacher: nn.Module | None = None
+    if rs_teacher_weights:
+        path = _require_file(rs_teacher_weights, "RS teacher")
+        rs_enc = RSEncoder(config.rs_arch, img_size=config.rs_img_size, patch_size=config.rs_patch_size,
+                           in_chans=config.rs_bands)
+        missing, _ = load_local_weights(rs_enc.vit, path,
+                                        prefix=config.rs_weights_prefix if rs_prefix is None else rs_prefix)
+        _check_complete(missing, path, "RS teacher")
+        rs_teacher = FrozenTeacher(rs_enc)
+    if sv_teacher_weights:
+        path = _require_file(sv_teacher_weights, "SV teacher")
+        sv_enc = SVEncoder(config.sv_arch, img_size=config.sv_img_size, patch_size=config.sv_patch_size)
+        missing, _ = load_local_weights(sv_enc.vit, path,
+                                        prefix=config.sv_weights_prefix if sv_prefix is None else sv_prefix)
+        _check_complete(missing, path, "SV teacher")
+        if config.sv_distill_feature == "pooled" and not load_local_pooler(sv_enc.pooler, path):
+            raise ValueError(
+                f"sv_distill_feature='pooled' distils towards the teacher's Linear + tanh pooler output, but {path} "
+                "holds no pooler weights (pooler.dense.weight/bias as in HuggingFace ViT, or pooler.0.weight/bias); "
+                "add them or use sv_distill_feature='cls'"
+            )
+        sv_teacher = FrozenTeacher(sv_enc, feature=config.sv_distill_feature)
+    return rs_teacher, sv_teacher

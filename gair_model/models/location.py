@@ -207,7 +207,8 @@ class MLPLocationEncoder(nn.Module):
 
     def forward(self, lonlat: torch.Tensor) -> torch.Tensor:
         """Encode ``B x 2`` (lon, lat) degrees to ``B x embed_dim``."""
-        v = lonlat.float() / torch.tensor([180.0, 90.0], device=lonlat.device)
+        lonlat = lonlat.float()
+        v = torch.stack([lonlat[:, 0] / 180.0, lonlat[:, 1] / 90.0], dim=-1)  # no host-to-device copy per step
         return self.head(self.mlp(v))
 
 

@@ -92,8 +92,9 @@ class NILI(nn.Module):
             col = cell_index(qx, w)
             row = cell_index(qy, h)
             centre = torch.stack([cell_centre(col, w, q.dtype), cell_centre(row, h, q.dtype)], dim=-1)
-            scale = torch.tensor([w, h], dtype=q.dtype, device=q.device)
-            out.append((col, row, (q - centre) * scale))
+            # Scaled column by column: a (W, H) tensor built here would be a host-to-device copy every step.
+            d = q - centre
+            out.append((col, row, torch.stack([d[:, 0] * w, d[:, 1] * h], dim=-1)))
         return out
 
     def forward(self, grid: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
