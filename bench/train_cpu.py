@@ -1,11 +1,15 @@
-"""CPU training throughput of the tiny GAIR config -> bench/results/train_cpu.json.
+"""CPU training throughput of the tiny GAIR config, and the loader's rate per worker -> bench/results/train_cpu.json.
 
-Two numbers:
+Three numbers:
 
-* ``model``: median samples/s over timed windows of full optimiser steps on random tensors
-  (``gair_model.benchmark``: forward, 4 losses with a 4096-coordinate queue, backward, AdamW).
+* ``model``: median samples/s over timed windows of ``gair_model.training.step.train_step`` - the trainer's own
+  step (forward, 4 losses with a 4096-coordinate queue, backward, AdamW) - on random tensors
+  (``gair_model.benchmark``).
 * ``trainer``: the real trainer (``gair_model.train``, WebDataset loader on generated synthetic shards,
   single process) - median of its per-step samples/s after the first steps.
+* ``loader``: samples/s of one loader process with the ``paper`` preprocessing (3-date 96 px 10-band chips,
+  480 px SV JPEGs resized to 224, bicubic RS resize, jitter, flips), i.e. per DataLoader worker, and how many
+  workers one GPU needs to be fed at the 1,500 pairs/s target of the paper preset.
 
 Usage: ``python bench/train_cpu.py [--threads N] [--batch-size 32] [--no-trainer]``.
 """
@@ -28,6 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gair_model.benchmark import run_benchmark  # noqa: E402
+from gair_model.training.config import resolve_config  # noqa: E402
+
+#: Pairs/s one GPU must be fed at for the paper preset (issue target on one H100/H200).
+GPU_TARGET_PAIRS_PER_S = 1500.0
 
 RESULTS = REPO / "bench" / "results" / "train_cpu.json"
 
@@ -43,8 +51,8 @@ def trainer_throughput(batch_size: int, steps: int, threads: int) -> dict:
         args = [
             "--shards", str(shards), "--out-dir", str(out), "--preset", "tiny",
             "--batch-size", str(batch_size), "--steps", str(steps), "--save-every", "0",
-            "--log-every", str(steps), "--threads", str(threads), "--splits", "none", "--allow-test-split", "true",
-            "--device", "cpu",
+            "--log-every", "1", "--threads", str(threads), "--splits", "none", "--allow-test-split", "true",
+            "--device", "cpu", "--val-every", "0",
         ]  # fmt: skip
         summary = train_main(args)
         with open(out / "metrics.csv") as fh:
@@ -60,6 +68,39 @@ def trainer_throughput(batch_size: int, steps: int, threads: int) -> dict:
     }
 
 
+def loader_throughput(batches: int, threads: int) -> dict:
+    """Samples/s of one loader process (= one DataLoader worker) with the paper preset's preprocessing."""
+    import math
+
+    from gair_model.loader import build_loader
+    from gair_model.training.data import loader_preprocessing
+    from tests.synthetic_shards import write_synthetic_shards
+
+    paper = resolve_config({"preset": "paper"})
+    batch = 32
+    with tempfile.TemporaryDirectory(prefix="gair_bench_") as tmp:
+        shards = Path(tmp) / "shards"
+        write_synthetic_shards(shards, 256, rs_size=96, sv_size=480, samples_per_shard=64, seed=0, dates=3)
+        loader = build_loader(str(shards), batch_size=batch, rs_size=paper.rs_img_size, sv_size=paper.sv_img_size,
+                              resampled=True, shuffle_buffer=100, num_workers=0, seed=0, splits=None,
+                              sv_train_aug=True, rs_train_aug=True, **loader_preprocessing(paper))
+        it = iter(loader)
+        next(it)  # opens the shards
+        rates = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(batches):
+                next(it)
+            rates.append(batches * batch / (time.perf_counter() - t0))
+    per_worker = statistics.median(rates)
+    return {"what": "build_loader, one process (num_workers=0), paper preprocessing: 3-date 96 px 10-band chips, "
+                    "480 px SV JPEGs -> 224 px, bicubic RS resize, three-band jitter, SV flip + jitter",
+            "torch_threads": threads, "batch_size": batch, "samples_per_s_per_worker": round(per_worker, 1),
+            "samples_per_s_windows": [round(r, 1) for r in rates],
+            "gpu_target_pairs_per_s": GPU_TARGET_PAIRS_PER_S,
+            "workers_per_gpu_for_target": math.ceil(GPU_TARGET_PAIRS_PER_S / per_worker)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -68,18 +109,12 @@ def main() -> None:
     p.add_argument("--window-steps", type=int, default=3)
     p.add_argument("--trainer-steps", type=int, default=15)
     p.add_argument("--no-trainer", action="store_true")
+    p.add_argument("--loader-batches", type=int, default=8, help="batches of 32 per timed loader window")
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    model = run_benchmark(
-        preset_name="tiny",
-        device="cpu",
-        batch_size=a.batch_size,
-        warmup_steps=2,
-        window_steps=a.window_steps,
-        windows=a.windows,
-        threads=a.threads,
-    )
+    model = run_benchmark(resolve_config({"preset": "tiny", "batch_size": a.batch_size, "threads": a.threads}),
+                          device="cpu", warmup_steps=2, window_steps=a.window_steps, windows=a.windows)
     result = {
         "benchmark": "train_cpu",
         "config": "tiny: vit_tiny RS 64 px patch 8 (10 bands, 8x8 grid) + vit_tiny SV 64 px patch 16, embed 128",
@@ -90,6 +125,7 @@ def main() -> None:
     }
     if not a.no_trainer:
         result["trainer"] = trainer_throughput(a.batch_size, a.trainer_steps, a.threads)
+    result["loader"] = loader_throughput(a.loader_batches, a.threads)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -100,6 +136,8 @@ def main() -> None:
             {k: result[k] for k in ("samples_per_s",)}
             | {
                 "trainer_samples_per_s": result.get("trainer", {}).get("samples_per_s_median"),
+                "loader_samples_per_s_per_worker": result["loader"]["samples_per_s_per_worker"],
+                "loader_workers_per_gpu_for_1500": result["loader"]["workers_per_gpu_for_target"],
                 "out": str(out),
             }
         )

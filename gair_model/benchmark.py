@@ -1,10 +1,11 @@
 """Training-throughput benchmark of the GAIR model (samples/s, FLOPs, MFU) on random tensors.
 
-It times the full optimiser step (forward of both ViTs + NILI + location encoder over batch and queue, the four
-losses, backward, gradient-norm, AdamW) without data loading, so it measures the model, not the disk or JPEG
-decoding. Used by ``bench/train_cpu.py`` and ``bench/train_gpu.sh``::
+It times the trainer's own optimiser step (:func:`gair_model.training.step.train_step`: forward of both ViTs +
+NILI + location encoder over batch and queue, the four losses, backward, gradient norm, AdamW) without data
+loading, so it measures the model, not the disk or JPEG decoding. The configuration is resolved as the trainer
+resolves it (preset + trainer flags). Used by ``bench/train_cpu.py`` and ``bench/train_gpu.sh``::
 
-    python -m gair_model.benchmark --preset base --device cuda --batch-size 256 --out bench/results/train_gpu.json
+    python -m gair_model.benchmark --preset paper --accum-steps 1 --out bench/results/train_gpu.json
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from typing import Any
 import torch
 
 from gair_model.losses import CoordinateQueue
-from gair_model.models.gair import GAIRModel, preset
+from gair_model.models.gair import GAIRModel
 from gair_model.optim import build_optimizer
+from gair_model.training.config import TrainConfig, build_parser, resolve_config
+from gair_model.training.step import StepState, train_step
 
 #: Dense bf16 peak (FLOP/s) by GPU name fragment (first match wins); override with ``--peak-tflops``.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -90,92 +93,84 @@ def analytic_flops_per_sample(model: GAIRModel) -> float:
 
 
 def run_benchmark(
+    cfg: TrainConfig,
     *,
-    preset_name: str = "tiny",
     device: str = "cpu",
-    batch_size: int = 32,
-    queue_size: int = 4096,
-    precision: str = "auto",
     warmup_steps: int = 3,
     window_steps: int = 5,
     windows: int = 5,
     count_flops: bool = True,
     peak_tflops: float | None = None,
-    threads: int | None = None,
-    compile_model: bool = False,
-    seed: int = 0,
-    **overrides: Any,
 ) -> dict[str, Any]:
-    """Time training steps and return a results dict.
+    """Time :func:`gair_model.training.step.train_step` (the trainer's step) and return a results dict.
+
+    The batch is random and already on the device (no data loading), the coordinate queue is full and
+    re-encoded every step as in training; model, optimiser, autocast and ``torch.compile`` are built from
+    ``cfg`` exactly as the trainer builds them (single process).
 
     Args:
-        preset_name: Model preset (``tiny`` = CPU config, ``base`` = paper: two ViT-B).
+        cfg: The resolved training configuration (:func:`gair_model.training.config.resolve_config`).
         device: ``cpu`` or ``cuda``.
-        batch_size: Samples per step.
-        queue_size: Coordinate-queue size (filled), re-encoded every step as in training.
-        precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``bf16`` or ``fp32``.
-        warmup_steps: Untimed steps first.
-        window_steps: Steps per timed window.
+        warmup_steps: Untimed steps first (``torch.compile`` compiles here).
+        window_steps: Optimiser steps per timed window.
         windows: Number of timed windows (the median is reported).
-        count_flops: Count FLOPs of one step with ``torch.utils.flop_counter`` (MFU on GPU).
+        count_flops: Count the FLOPs of one step with ``torch.utils.flop_counter`` (uncompiled; MFU on GPU).
         peak_tflops: Peak bf16 TFLOP/s for MFU (default: looked up from the GPU name).
-        threads: ``torch.set_num_threads`` (CPU).
-        compile_model: ``torch.compile`` the model.
-        seed: Seed.
-        **overrides: :class:`gair_model.models.gair.GAIRConfig` field overrides.
 
     Returns:
-        Results with ``samples_per_s`` (median), per-window values, FLOPs, MFU and machine info.
+        Results with ``samples_per_s`` (median), per-window values, step time, FLOPs, MFU, peak memory, machine.
     """
-    if threads:
-        torch.set_num_threads(threads)
+    from gair_model.training.main import autocast_for, build_model, distillation_active, use_compile
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     dev = torch.device(device)
-    torch.manual_seed(seed)
-    cfg = preset(preset_name, **overrides)
-    model = GAIRModel(cfg).to(dev).train()
-    opt = build_optimizer(model, 1e-4, fused=True if dev.type == "cuda" else None)
-    use_bf16 = dev.type == "cuda" and precision in ("auto", "bf16")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-    step_model = torch.compile(model) if compile_model else model
-
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    rs = torch.rand(batch_size, cfg.rs_bands, cfg.rs_img_size, cfg.rs_img_size, generator=g).to(dev)
-    sv = torch.randn(batch_size, 3, cfg.sv_img_size, cfg.sv_img_size, generator=g).to(dev)
+    torch.manual_seed(cfg.seed)
+    mcfg = cfg.gair_config()
+    model = build_model(cfg).to(dev).train()
+    model.teachers_to(dev)
+    opt = build_optimizer(model, 1e-4, weight_decay=cfg.weight_decay, wd_rule=cfg.wd_rule,
+                          fused=True if dev.type == "cuda" else None)
+    compiled = use_compile(cfg, dev)
+    b = cfg.batch_size
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed)
     span = torch.tensor([360.0, 180.0], dtype=torch.float64)
-    lonlat = (torch.rand(batch_size, 2, generator=g, dtype=torch.float64) * span - span / 2).to(dev)
-    rel_xy = torch.rand(batch_size, 2, generator=g).to(dev)
-    queue = CoordinateQueue(queue_size).to(dev)
-    queue.enqueue((torch.rand(queue_size, 2, generator=g, dtype=torch.float64) * span - span / 2).to(dev))
-    params = [p for p in model.parameters() if p.requires_grad]
+    batch = {"rs": torch.rand(b, mcfg.rs_bands, mcfg.rs_img_size, mcfg.rs_img_size, generator=g).to(dev),
+             "sv": torch.randn(b, 3, mcfg.sv_img_size, mcfg.sv_img_size, generator=g).to(dev),
+             "lonlat": (torch.rand(b, 2, generator=g, dtype=torch.float64) * span - span / 2).to(dev),
+             "rel_xy": torch.rand(b, 2, generator=g).to(dev)}
+    queue = CoordinateQueue(cfg.queue_size).to(dev)
+    queue.enqueue((torch.rand(cfg.queue_size, 2, generator=g, dtype=torch.float64) * span - span / 2).to(dev),
+                  gather=False)
+    state = StepState(forward=torch.compile(model) if compiled else model, model=model, optimizer=opt, queue=queue,
+                      device=dev, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip,
+                      distill_weight=cfg.distill_weight if distillation_active(cfg) else 0.0,
+                      autocast=lambda: autocast_for(cfg, dev), gather_queue=False)
 
-    def step() -> torch.Tensor:
-        with autocast():
-            out = step_model(rs, sv, lonlat, rel_xy, queue_lonlat=queue.coords())
-        loss = out["losses"]["loss"]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, float("inf"))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        queue.enqueue(lonlat, gather=False)
-        return loss
+    def step() -> dict[str, Any]:
+        return train_step(state, lambda: batch)
 
     def sync() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    for _ in range(warmup_steps):
-        step()
-    sync()
-
+    samples_per_step = b * cfg.accum_steps
     flops_per_step = None
-    if count_flops:
+    if count_flops:  # on the uncompiled module (the counter does not see inside compiled graphs)
         from torch.utils.flop_counter import FlopCounterMode
 
         counter = FlopCounterMode(display=False)
+        eager, state.forward = state.forward, model
         with counter:
             step()
         sync()
+        state.forward = eager
         flops_per_step = float(counter.get_total_flops())
+    t_compile = time.perf_counter()
+    for _ in range(warmup_steps):
+        step()
+    sync()
+    warmup_s = time.perf_counter() - t_compile
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -185,34 +180,37 @@ def run_benchmark(
         t0 = time.perf_counter()
         for _ in range(window_steps):
             last = step()
-        float(last.detach())  # also synchronises
+        float(last["losses"][0])  # waits for the window's last step
         sync()
-        rates.append(window_steps * batch_size / (time.perf_counter() - t0))
+        rates.append(window_steps * samples_per_step / (time.perf_counter() - t0))
 
     median = statistics.median(rates)
     result: dict[str, Any] = {
         "benchmark": "gair_train_step",
-        "what": "optimizer steps on random tensors (forward, 4 losses with queue, backward, AdamW); no data loading",
-        "preset": preset_name,
-        "model_config": cfg.to_dict(),
+        "what": "gair_model.training.step.train_step (the trainer's step: forward, 4 losses with a full queue, "
+                "backward, clip, AdamW) on a random batch already on the device; no data loading",
+        "preset": cfg.preset,
+        "train_config": cfg.model_dump(),
         "n_params": sum(p.numel() for p in model.parameters()),
         "device": str(dev),
-        "precision": "bf16-autocast" if use_bf16 else "fp32",
-        "batch_size": batch_size,
-        "queue_size": queue_size,
+        "precision": "bf16-autocast" if dev.type == "cuda" and cfg.precision in ("auto", "bf16") else "fp32",
+        "compiled": compiled,
+        "batch_size": b,
+        "accum_steps": cfg.accum_steps,
+        "queue_size": cfg.queue_size,
         "warmup_steps": warmup_steps,
+        "warmup_seconds": round(warmup_s, 2),
         "window_steps": window_steps,
         "windows": windows,
         "samples_per_s": round(median, 3),
         "samples_per_s_windows": [round(r, 3) for r in rates],
-        "step_time_s": round(batch_size / median, 5),
-        "flops_per_sample_counted": flops_per_step / batch_size if flops_per_step else None,
+        "step_time_s": round(samples_per_step / median, 5),
+        "flops_per_sample_counted": flops_per_step / samples_per_step if flops_per_step else None,
         "flops_per_sample_analytic_6ND": analytic_flops_per_sample(model),
         "machine": machine_info(dev),
     }
     if flops_per_step:
-        achieved = flops_per_step / batch_size * median
-        result["achieved_tflops"] = round(achieved / 1e12, 3)
+        result["achieved_tflops"] = round(flops_per_step / samples_per_step * median / 1e12, 3)
     if dev.type == "cuda":
         result["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
         peak = peak_tflops or peak_bf16_tflops(result["machine"]["gpu_name"])
@@ -224,44 +222,26 @@ def run_benchmark(
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """CLI: run the benchmark and write the results JSON (``--out``)."""
-    p = argparse.ArgumentParser(prog="python -m gair_model.benchmark", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--queue-size", type=int, default=4096)
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--warmup-steps", type=int, default=3)
+    """CLI: run the benchmark and write the results JSON (``--out``).
+
+    Benchmark flags are listed below; every other flag is a trainer flag (``python -m gair_model.train --help``)
+    resolved the trainer's way, e.g. ``--preset paper --batch-size 256 --accum-steps 1 --compile true``.
+    """
+    p = argparse.ArgumentParser(prog="python -m gair_model.benchmark", description=__doc__.split("\n\n")[0],
+                                epilog="Other flags: the trainer's (python -m gair_model.train --help).")
+    p.add_argument("--bench-device", dest="device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bench-warmup-steps", dest="warmup_steps", type=int, default=3)
     p.add_argument("--window-steps", type=int, default=5)
     p.add_argument("--windows", type=int, default=5)
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s for MFU")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--rs-size", type=int, default=None)
-    p.add_argument("--sv-size", type=int, default=None)
     p.add_argument("--out", default=None, help="results JSON path")
-    a = p.parse_args(argv)
-    overrides = {}
-    if a.rs_size:
-        overrides["rs_img_size"] = a.rs_size
-    if a.sv_size:
-        overrides["sv_img_size"] = a.sv_size
-    result = run_benchmark(
-        preset_name=a.preset,
-        device=a.device,
-        batch_size=a.batch_size,
-        queue_size=a.queue_size,
-        precision=a.precision,
-        warmup_steps=a.warmup_steps,
-        window_steps=a.window_steps,
-        windows=a.windows,
-        count_flops=not a.no_flops,
-        peak_tflops=a.peak_tflops,
-        threads=a.threads,
-        compile_model=a.compile,
-        **overrides,
-    )
+    a, rest = p.parse_known_args(argv)
+    trainer = vars(build_parser().parse_args(rest))
+    trainer.pop("print_config", None)
+    cfg = resolve_config(trainer, config_file=trainer.pop("config", None))
+    result = run_benchmark(cfg, device=a.device, warmup_steps=a.warmup_steps, window_steps=a.window_steps,
+                           windows=a.windows, count_flops=not a.no_flops, peak_tflops=a.peak_tflops)
     result["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     text = json.dumps(result, indent=2)
     if a.out:

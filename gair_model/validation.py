@@ -230,7 +230,8 @@ class Validator:
         with self.autocast():
             rs_local = m.encode_rs(rs, rel_xy)["rs_local"]
             losses = gair_loss(m.encode_sv(sv), rs_local, m.encode_location(lonlat), loc_queue,
-                               temperature=m.config.temperature)
+                               temperature=m.config.temperature,
+                               location_negatives=m.config.location_negatives)
         b = float(lonlat.shape[0])
         return torch.tensor([float(losses[k]) * b for k in VAL_LOSS_KEYS] + [b], dtype=torch.float64,
                             device=self.device)
@@ -287,11 +288,11 @@ def build_validator(cfg: Any, model: GAIRModel, queue: CoordinateQueue, shard_pa
                     start_step: int = 0,
                     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                     tb: Any = None) -> Validator:
-    """The :class:`Validator` of a trainer configuration (``gair_model.train.TrainConfig``).
+    """The :class:`Validator` of a trainer configuration (``gair_model.training.config.TrainConfig``).
 
     Args:
         cfg: The trainer configuration (``val_every``, ``val_splits``, ``val_batches``, ``val_batch_size``,
-            ``batch_size`` and the model sizes through ``cfg.model_config()``).
+            ``batch_size``, the preprocessing options and the model sizes through ``cfg.gair_config()``).
         model: The unwrapped model.
         queue: The training coordinate queue.
         shard_paths: The resolved shard paths of the run.
@@ -311,8 +312,9 @@ def build_validator(cfg: Any, model: GAIRModel, queue: CoordinateQueue, shard_pa
         ValueError: If the validation splits include the test split without ``cfg.val_allow_test``.
     """
     from gair_model.loader import build_loader
+    from gair_model.training.data import loader_preprocessing
 
-    mcfg = cfg.model_config()
+    mcfg = cfg.gair_config()
     splits = tuple(cfg.val_splits) if cfg.val_splits is not None else None
     if cfg.val_every > 0:
         check_val_splits(splits, allow_test=cfg.val_allow_test)
@@ -324,7 +326,8 @@ def build_validator(cfg: Any, model: GAIRModel, queue: CoordinateQueue, shard_pa
         return build_loader(list(shard_paths), batch_size=cfg.val_batch_size or cfg.batch_size,
                             rs_size=mcfg.rs_img_size, sv_size=mcfg.sv_img_size, rs_bands=mcfg.rs_bands,
                             resampled=False, shuffle_buffer=0, num_workers=0, seed=0, splits=splits,
-                            rs_stats=rs_stats, sv_train_aug=False, rs_train_aug=False)
+                            rs_stats=rs_stats, sv_train_aug=False, rs_train_aug=False,
+                            **loader_preprocessing(cfg))
 
     return Validator(model, queue, make_loader, every=cfg.val_every, batches=cfg.val_batches, device=device,
                      out_dir=out_dir, autocast=autocast, is_main=is_main, world_size=world_size,

@@ -33,7 +33,7 @@ def shards(tmp_path_factory):
 def _args(shards, out_dir, *extra):
     return [
         "--shards", str(shards), "--out-dir", str(out_dir),
-        "--rs-size", "32", "--sv-size", "32", "--batch-size", "4", "--queue-size", "16",
+        "--rs-img-size", "32", "--sv-img-size", "32", "--batch-size", "4", "--queue-size", "16",
         "--lr", "2e-4", "--warmup-steps", "1", "--threads", "1", "--shuffle-buffer", "32",
         "--save-every", "0", "--log-every", "100", "--device", "cpu",
         *extra,
@@ -45,7 +45,7 @@ def _prefixed(out: str, prefix: str) -> list[dict]:
 
 
 def test_validation_outputs_and_training_unchanged(shards, tmp_path, capsys):
-    plain = main(_args(shards, tmp_path / "plain", "--steps", "4"))
+    plain = main(_args(shards, tmp_path / "plain", "--steps", "4", "--val-every", "0"))
     capsys.readouterr()
     run = tmp_path / "val"
     summary = main(_args(shards, run, "--steps", "4", "--val-every", "2", "--val-batches", "3"))
@@ -80,7 +80,7 @@ def test_validator_uses_fixed_batches_and_leaves_state_alone(shards, tmp_path, c
     cfg = parse_config(_args(shards, tmp_path, "--steps", "1", "--val-every", "1", "--val-batches", "2",
                              "--preset", "tiny"))
     torch.manual_seed(0)
-    model = GAIRModel(cfg.model_config())
+    model = GAIRModel(cfg.gair_config())
     model.train()
     queue = CoordinateQueue(16)
     queue.enqueue(torch.tensor([[0.01, -0.02], [0.05, 0.0], [0.1, -0.05]], dtype=torch.float64), gather=False)
@@ -114,7 +114,8 @@ def test_test_split_is_never_read(shards, tmp_path, monkeypatch):
     cfg = parse_config(_args(shards, tmp_path, "--steps", "1", "--val-every", "1", "--val-splits", "test",
                              "--val-allow-test", "true"))
     assert cfg.val_splits == ["test"]
-    assert parse_config(_args(shards, tmp_path, "--steps", "1", "--val-splits", "test")).val_every == 0
+    off = parse_config(_args(shards, tmp_path, "--steps", "1", "--val-every", "0", "--val-splits", "test"))
+    assert off.val_every == 0
 
     # Record the split of every sample the loader decodes during a run with validation.
     seen: list[str] = []

@@ -4,42 +4,60 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, create_model
 
 from gair_dataset.contract import SHARDS_JSON_NAME
 from gair_model.checkpoint import atomic_write_text
 from gair_model.loader import compute_rs_stats
+from gair_model.training.config import TRAIN_PRESETS, TrainConfig, resolve_config, to_flags
 from pipelines.common.storage import DataRoot
 from pipelines.defs.shards.assets import shards
 from pipelines.partitions import REGIONS
 
 
-class TrainingConfig(dg.Config):
-    """What to train. The defaults are the tiny CPU smoke configuration; see ``gair_model.train --help``."""
+def _preset_default(name: str) -> tuple[Any, Any]:
+    """A trainer field as a Dagster config field: optional, None meaning the preset's value."""
+    f = TrainConfig.model_fields[name]
+    annotation: Any = f.annotation
+    return (annotation | None, Field(default=None, description=f"{f.description} (unset: the preset's value)"))
 
-    preset: str = Field(default="tiny", description="model preset (tiny for CPU, paper for two ViT-Bs)")
-    steps: int = Field(default=40, description="optimiser steps")
-    batch_size: int = Field(default=16, description="samples per process per micro-step")
-    accum_steps: int = 1
-    lr: float | None = Field(default=3e-4, description="absolute lr; None = blr * effective batch / 256")
-    blr: float = 1.5e-6
-    warmup_steps: int | None = 5
-    val_every: int = Field(default=10, description="validate on the val split every N optimiser steps and at the "
-                           "end (0: no validation); the test split is never read")
-    val_batches: int = Field(default=10, description="batches (of batch_size) per validation: the same samples "
-                             "every time")
-    nproc_per_node: int = Field(default=1, description="processes (GPUs) on this node; >1 uses torchrun")
-    device: str = Field(default="auto", description="auto | cpu | cuda")
-    precision: str = "auto"
-    max_minutes: float | None = Field(default=10.0, description="wall-clock budget of the run")
-    num_workers: int = 0
-    seed: int = 0
-    resume: str | None = Field(default=None, description="'auto' to continue from the latest checkpoint")
-    rs_stats_samples: int = Field(default=2000, description="samples used for the per-band RS statistics "
-                                  "(0: the loader's built-in Sentinel-2 defaults)")
-    extra_args: list[str] = Field(default_factory=list, description="more trainer flags, passed as they are")
+
+#: Trainer fields a Dagster run can set (the asset decides where the shards and outputs are).
+TRAINER_FIELDS = tuple(n for n in TrainConfig.model_fields if n not in ("preset", "shards", "out_dir", "overwrite"))
+
+_FIELDS: dict[str, Any] = {
+    "preset": (str, Field(default="tiny", description=f"preset {sorted(TRAIN_PRESETS)}: tiny = CPU smoke run, paper "
+                          "= the authors' training (python -m gair_model.train --preset paper --print-config)")),
+    **{name: _preset_default(name) for name in TRAINER_FIELDS},
+    "nproc_per_node": (int, Field(default=1, description="processes (GPUs) on this node; >1 uses torchrun")),
+    "rs_stats_samples": (int, Field(default=2000, description="samples used for the per-band RS statistics (0: the "
+                                    "loader's built-in Sentinel-2 defaults)")),
+    "extra_args": (list[str], Field(default_factory=list, description="more trainer flags, passed as they are")),
+}
+_TrainingFields = create_model("_TrainingFields", __base__=dg.Config, **_FIELDS)
+
+
+class TrainingConfig(_TrainingFields):  # type: ignore[misc,valid-type]
+    """What to train: a preset plus the fields you set, resolved exactly as the trainer's command line does.
+
+    Every trainer setting of :class:`gair_model.training.config.TrainConfig` is a field here; an unset field keeps
+    the preset's value (``tiny``: the CPU smoke run).
+    """
+
+
+def trainer_overrides(cfg: TrainingConfig) -> dict[str, Any]:
+    """The trainer settings this Dagster config sets explicitly (the preset always)."""
+    chosen = {name: getattr(cfg, name) for name in cfg.model_fields_set if name in TRAINER_FIELDS}
+    return {"preset": cfg.preset, **dict(sorted(chosen.items()))}
+
+
+def resolved_config(cfg: TrainingConfig, shard_list: list[str], out_dir: Path) -> TrainConfig:
+    """The trainer configuration this Dagster config gives (what the trainer will resolve from its flags)."""
+    return resolve_config({**trainer_overrides(cfg), "shards": shard_list, "out_dir": str(out_dir),
+                           "overwrite": not cfg.resume}, require_shards=True)
 
 
 def shard_sets(data_root: DataRoot) -> list[Path]:
@@ -61,21 +79,12 @@ def shard_set_paths(data_root: DataRoot) -> list[str]:
 
 
 def trainer_args(cfg: TrainingConfig, shard_list: list[str], out_dir: Path) -> list[str]:
-    """The trainer's command-line flags for this config."""
-    args = ["--shards", *shard_list, "--out-dir", str(out_dir), "--preset", cfg.preset, "--steps", str(cfg.steps),
-            "--batch-size", str(cfg.batch_size), "--accum-steps", str(cfg.accum_steps), "--blr", str(cfg.blr),
-            "--device", cfg.device, "--precision", cfg.precision, "--num-workers", str(cfg.num_workers),
-            "--seed", str(cfg.seed), "--log-every", "5",
-            "--val-every", str(cfg.val_every), "--val-batches", str(cfg.val_batches)]
-    if cfg.lr is not None:
-        args += ["--lr", str(cfg.lr)]
-    if cfg.warmup_steps is not None:
-        args += ["--warmup-steps", str(cfg.warmup_steps)]
-    if cfg.max_minutes is not None:
-        args += ["--max-minutes", str(cfg.max_minutes)]
+    """The trainer's command-line flags for this config (checked by resolving them first)."""
+    resolved_config(cfg, shard_list, out_dir)  # a bad value fails here, before a process is started
     # A fresh run replaces the previous run's checkpoints; resume=auto continues from them instead.
-    args += ["--resume", cfg.resume] if cfg.resume else ["--overwrite", "true"]
-    return args + list(cfg.extra_args)
+    fresh = {} if cfg.resume else {"overwrite": True}
+    return to_flags({**trainer_overrides(cfg), "shards": shard_list, "out_dir": str(out_dir), **fresh}) + \
+        list(cfg.extra_args)
 
 
 @dg.asset(group_name="training", deps=[shards], kinds={"pytorch"})
