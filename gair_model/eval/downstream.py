@@ -53,7 +53,8 @@ def rgb_to_bands_note() -> str:
 def default_methods(trained: LoadedModel, *, seed: int = 0) -> dict[str, LoadedModel]:
     """``{"gair": trained, "random_init": same architecture with random weights (seeded)}``."""
     return {"gair": trained, "random_init": random_model(trained.config, seed=seed, device=trained.device,
-                                                         rs_stats=trained.rs_stats)}
+                                                         rs_stats=trained.rs_stats,
+                                                         preprocessing=trained.preprocessing)}
 
 
 def select_tasks(tasks: Iterable[TaskSpec], families: Iterable[str] | None = None) -> list[TaskSpec]:

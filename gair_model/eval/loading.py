@@ -49,6 +49,8 @@ class LoadedModel:
         train_config: The trainer configuration of the run, when known.
         rs_stats_source: Where ``rs_stats`` came from (checkpoint header, run config, given, loader defaults).
         run_dir: The training run folder of the checkpoint, when it is inside one.
+        preprocessing: The loader's resize options the model was trained with (``rs_resize``, ``sv_resize``);
+            evaluation reads its inputs the same way.
     """
 
     model: GAIRModel
@@ -60,6 +62,7 @@ class LoadedModel:
     train_config: dict[str, Any] = field(default_factory=dict)
     rs_stats_source: str = "given"
     run_dir: str | None = None
+    preprocessing: dict[str, str] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -134,6 +137,20 @@ def _training_rs_stats(model_path: Path, run_dir: Path | None,
     return json.loads(stats_path.read_text()), f"file {stats_path.name} named in the run's config.json"
 
 
+#: Loader options a checkpoint records so that evaluation resizes its inputs as training did.
+EVAL_PREPROCESSING_KEYS = ("rs_resize", "sv_resize")
+
+
+def _training_preprocessing(model_path: Path, train_cfg: dict[str, Any]) -> dict[str, str]:
+    """The resize options of training: the checkpoint header, else the run's config.json, else the defaults."""
+    header = read_checkpoint_header(model_path)
+    if "preprocessing" in header:
+        recorded = json.loads(header["preprocessing"])
+    else:
+        recorded = {k: train_cfg[k] for k in EVAL_PREPROCESSING_KEYS if k in train_cfg}
+    return {k: str(v) for k, v in recorded.items() if k in EVAL_PREPROCESSING_KEYS}
+
+
 def load_trained(path: str | Path, *, device: str | torch.device = "cpu",
                  rs_stats: dict[str, list[float]] | None = None) -> LoadedModel:
     """Load a trained GAIR model for evaluation.
@@ -164,12 +181,14 @@ def load_trained(path: str | Path, *, device: str | torch.device = "cpu",
     ckpt.load_model(model, model_path)
     model.to(device).eval()
     return LoadedModel(model, config, str(model_path.resolve()), step, rs_stats, "trained", train_cfg,
-                       rs_stats_source=source, run_dir=str(run_dir.resolve()) if run_dir else None)
+                       rs_stats_source=source, run_dir=str(run_dir.resolve()) if run_dir else None,
+                       preprocessing=_training_preprocessing(model_path, train_cfg))
 
 
 def random_model(config: GAIRConfig, *, seed: int = 0, device: str | torch.device = "cpu",
-                 rs_stats: dict[str, list[float]] | None = None) -> LoadedModel:
-    """The same architecture with random weights (seeded): the untrained baseline."""
+                 rs_stats: dict[str, list[float]] | None = None,
+                 preprocessing: dict[str, str] | None = None) -> LoadedModel:
+    """The same architecture with random weights (seeded): the untrained baseline (fed like ``preprocessing``)."""
     config = GAIRConfig.from_dict(config.to_dict())
     config.rs_weights = config.sv_weights = None
     with torch.random.fork_rng():
@@ -177,7 +196,8 @@ def random_model(config: GAIRConfig, *, seed: int = 0, device: str | torch.devic
         model = GAIRModel(config)
     model.to(device).eval()
     return LoadedModel(model, config, None, None, rs_stats, "random", {},
-                       rs_stats_source="given" if rs_stats is not None else "loader defaults")
+                       rs_stats_source="given" if rs_stats is not None else "loader defaults",
+                       preprocessing=dict(preprocessing or {}))
 
 
 def iter_eval_batches(loaded: LoadedModel, shards: str | os.PathLike[str] | Sequence[str], *,
@@ -185,7 +205,7 @@ def iter_eval_batches(loaded: LoadedModel, shards: str | os.PathLike[str] | Sequ
     """Batches of a shard set in a fixed order, without augmentation, sized for ``loaded``'s encoders.
 
     Args:
-        loaded: The model whose input sizes and RS statistics apply.
+        loaded: The model whose input sizes, RS statistics and resize options apply.
         shards: Shard specification (see :func:`gair_model.loader.resolve_shards`).
         splits: Keep only these splits (``None``: all).
         batch_size: Samples per batch (the last batch may be smaller).
@@ -199,7 +219,8 @@ def iter_eval_batches(loaded: LoadedModel, shards: str | os.PathLike[str] | Sequ
                           batch_size=batch_size, rs_size=cfg.rs_img_size, sv_size=cfg.sv_img_size,
                           rs_bands=cfg.rs_bands, resampled=False, shuffle_buffer=0, num_workers=0,
                           splits=tuple(splits) if splits is not None else None, rs_stats=loaded.rs_stats,
-                          split_by_node=False)
+                          split_by_node=False, rs_resize=loaded.preprocessing.get("rs_resize", "bilinear"),
+                          sv_resize=loaded.preprocessing.get("sv_resize", "crop"))
     yield from loader
 
 

@@ -19,12 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gair_model.models.gair import PRESETS as MODEL_PRESETS
 from gair_model.models.gair import GAIRConfig
+from gair_model.models.location import LOCATION_ENCODERS
+from gair_model.models.nili import LOCALIZERS
 
 #: Trainer settings of each preset (the model settings come from ``gair_model.models.gair.PRESETS``).
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # CPU smoke run: what the Dagster asset and `make demo` train.
     "tiny": {"steps": 40, "batch_size": 16, "lr": 3e-4, "warmup_steps": 5, "val_every": 10, "val_batches": 10,
-             "max_minutes": 10.0, "log_every": 5},
+             "log_every": 5},
     # Our ViT-B configuration: the authors' architecture with our choices where they measured better or are
     # cheaper (see README, "The paper preset").
     "base": {"batch_size": 256},
@@ -35,6 +37,14 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"batch_size": 256, "accum_steps": 96, "blr": 1.5e-6, "weight_decay": 0.05, "wd_rule": "timm",
               "distill_weight": 0.2, "rs_resize": "bicubic", "rs_jitter": "three_bands", "rs_jitter_p": 0.7,
               "sv_resize": "full"},
+}
+
+#: A setting the user gives sends these preset values back to their field defaults (unless also given): a preset's
+#: ``steps`` must not beat the user's ``epochs``, nor its ``lr`` the user's ``blr``, nor its warm-up a new length.
+DEPENDENT_SETTINGS: dict[str, tuple[str, ...]] = {
+    "epochs": ("steps", "warmup_steps"),
+    "steps": ("epochs", "warmup_steps"),
+    "blr": ("lr",),
 }
 
 #: TrainConfig fields that are GAIRConfig fields (the model part of a run).
@@ -145,7 +155,8 @@ class TrainConfig(BaseModel):
     resume: str | None = Field(None, description="'auto' (latest in --out-dir if any) or a checkpoint path")
     resume_data: str = Field("reseed", description="reseed (fresh random stream: cheap) | skip (replay the "
                              "stream up to the checkpoint: exact, decodes the skipped samples again)")
-    max_minutes: float | None = Field(None, description="wall-clock budget; checkpoint and stop when exceeded")
+    max_minutes: float | None = Field(None, description="wall-clock budget; checkpoint and stop when exceeded "
+                                      "(checked at logging and checkpoint steps)")
 
     def gair_config(self) -> GAIRConfig:
         """The model configuration of this run."""
@@ -157,7 +168,8 @@ class TrainConfig(BaseModel):
                    "rs_jitter": ("all_bands", "three_bands"), "sv_resize": ("crop", "full"),
                    "wd_rule": ("exempt_embeddings", "timm"), "location_negatives": ("queue", "batch+queue"),
                    "sv_distill_feature": ("pooled", "cls"), "compile": ("auto", "true", "false"),
-                   "precision": ("auto", "bf16", "fp32")}
+                   "precision": ("auto", "bf16", "fp32"), "localizer": LOCALIZERS,
+                   "location_encoder": LOCATION_ENCODERS, "device": ("auto", "cpu", "cuda")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -170,6 +182,9 @@ class TrainConfig(BaseModel):
                              "evaluation; train on 'train' (or pass --allow-test-split true for a smoke run)")
         if self.overwrite and self.resume:
             raise ValueError("--overwrite and --resume contradict each other")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give --steps or --epochs, not both")
+        self.gair_config()  # the model fields' own checks (location_negatives, sv_distill_feature, ...)
         return self
 
 
@@ -199,7 +214,14 @@ def resolve_config(overrides: Mapping[str, Any] | None = None, *, config_file: s
     file_values = _read_config_file(config_file) if config_file else {}
     explicit = {k.replace("-", "_"): v for k, v in (overrides or {}).items()}
     name = explicit.get("preset") or file_values.get("preset") or "tiny"
-    values = {**preset_values(name), **file_values, **explicit}
+    given = {**file_values, **explicit}
+    preset = preset_values(name)
+    for key, dependents in DEPENDENT_SETTINGS.items():
+        if key in given:
+            for dep in dependents:
+                if dep not in given:
+                    preset.pop(dep, None)
+    values = {**preset, **given}
     unknown = sorted(set(values) - set(TrainConfig.model_fields))
     if unknown:
         raise ValueError(f"unknown config keys: {unknown}")
@@ -255,9 +277,9 @@ def build_parser(prog: str = "python -m gair_model.train") -> argparse.ArgumentP
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": f.description}
         optional = "None" in ann
         if "list[int]" in ann:
-            kw.update(nargs="+", type=int)
+            kw.update(nargs="+", type=_optional(int) if optional else int)
         elif "list[float]" in ann:
-            kw.update(nargs="+", type=float)
+            kw.update(nargs="+", type=_optional(float) if optional else float)
         elif "list[str]" in ann:
             kw.update(nargs="+", type=str)
         elif f.annotation is bool:
@@ -275,6 +297,9 @@ def build_parser(prog: str = "python -m gair_model.train") -> argparse.ArgumentP
 def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool]:
     """``(configuration, print_only)`` from command-line arguments."""
     args = vars(build_parser().parse_args(argv))
+    for key, value in args.items():  # `--loc-hidden none` parses as [None]: the list is unset
+        if isinstance(value, list) and value == [None]:
+            args[key] = None
     config_file = args.pop("config", None)
     print_only = bool(args.pop("print_config", False))
     return resolve_config(args, config_file=config_file, require_shards=not print_only), print_only
@@ -292,7 +317,9 @@ def to_flags(values: Mapping[str, Any]) -> list[str]:
         elif isinstance(value, bool):
             flags += [flag, str(value).lower()]
         elif isinstance(value, list | tuple):
-            flags += [flag, *(str(v) for v in value)] if value else []
+            if not value:
+                raise ValueError(f"{name}: an empty list cannot be given as a flag")
+            flags += [flag, *(str(v) for v in value)]
         else:
             flags += [flag, str(value)]
     return flags

@@ -202,7 +202,8 @@ class _Run:
                 self.ckpt_dir, step, self.model, st, keep=cfg.keep_checkpoints,
                 metadata={"step": str(step), "model_config": json.dumps(self.mcfg.to_dict()),
                           # the RS normalisation travels with the weights (evaluation needs the same)
-                          "rs_stats": json.dumps(self.rs_stats) if self.rs_stats is not None else "null"})
+                          "rs_stats": json.dumps(self.rs_stats) if self.rs_stats is not None else "null",
+                          "preprocessing": json.dumps({"rs_resize": cfg.rs_resize, "sv_resize": cfg.sv_resize})})
         self.last_saved = step
         gdist.barrier()
 

@@ -106,3 +106,31 @@ def test_resume_draws_a_fresh_stream_by_default(shards, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["train"]["resume_data"] == "reseed"
     with open(tmp_path / "metrics.csv") as fh:
         assert [int(r["step"]) for r in csv.DictReader(fh)] == [1, 2, 3, 4]
+
+
+def test_user_settings_are_not_beaten_by_the_preset():
+    """tiny sets steps/lr/warm-up; a user's epochs, blr or new length must win over them, not be ignored."""
+    cfg = resolve_config({"epochs": 3})
+    assert (cfg.epochs, cfg.steps, cfg.warmup_steps) == (3, None, None)
+    assert resolve_config({"blr": 1e-3}).lr is None
+    assert resolve_config({"steps": 1000}).warmup_steps is None  # 5% of the new length, not the preset's 5
+    assert resolve_config({"steps": 1000, "warmup_steps": 7}).warmup_steps == 7
+    with pytest.raises(ValueError, match="not both"):
+        resolve_config({"steps": 3, "epochs": 1})
+    with pytest.raises(ValueError, match="localizer"):
+        resolve_config({"localizer": "nearest"})
+    assert parse_config(["--shards", "s", "--loc-hidden", "none"]).loc_hidden is None
+    with pytest.raises(ValueError, match="empty list"):
+        to_flags({"splits": []})
+
+
+def test_evaluation_reads_inputs_as_training_did(shards, tmp_path):
+    from gair_model.eval.loading import iter_eval_batches, load_trained
+
+    args = to_flags({**_small(steps=1, lr=2e-4, val_every=0, log_every=100, threads=1, sv_resize="full",
+                              rs_resize="bicubic"), "shards": [str(shards)], "out_dir": str(tmp_path)})
+    summary = main(args)
+    loaded = load_trained(summary["checkpoint"])  # the bare .safetensors: the header alone says it
+    assert loaded.preprocessing == {"rs_resize": "bicubic", "sv_resize": "full"}
+    batch = next(iter_eval_batches(loaded, str(shards), splits=None, batch_size=2))
+    assert batch["sv"].shape[-1] == 32 and batch["rs"].shape[-1] == 32

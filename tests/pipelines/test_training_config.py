@@ -16,7 +16,8 @@ def test_cli_preset_and_dagster_config_agree(preset, tmp_path):
     from_preset = resolve_config({"preset": preset, "shards": shards, "out_dir": str(out), "overwrite": True})
     from_cli = parse_config(trainer_args(dagster_cfg, shards, out))
     assert from_cli == from_preset == resolved_config(dagster_cfg, shards, out)
-    # What a Dagster user sets wins, exactly as a flag would; an explicit None is a value too (lr: blr scaling).
+    # What a Dagster user sets wins, exactly as a flag would. (In Python an explicit None is a value too; in run
+    # config Dagster drops nulls, so a preset value is cleared with extra_args, e.g. ["--lr", "none"].)
     custom = TrainingConfig(preset=preset, steps=3, lr=None, rs_jitter="three_bands", splits=["train", "val"],
                             val_splits=["val"])
     from_cli = parse_config(trainer_args(custom, shards, out))

@@ -84,7 +84,7 @@ def load_models(config: EvalConfig, data_root: DataRoot) -> tuple[LoadedModel, L
         raise dg.Failure(f"no model to evaluate: {exc}. Materialize `gair_model_checkpoint` first or set "
                          "`checkpoint` in the config.") from exc
     baseline = random_model(trained.config, seed=config.random_seed, device=_device(config.device),
-                            rs_stats=trained.rs_stats)
+                            rs_stats=trained.rs_stats, preprocessing=trained.preprocessing)
     baseline.label = "random_init"
     return trained, baseline
 

@@ -94,7 +94,7 @@ def gair_model_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
     shard_list = shard_set_paths(data_root)
     out_dir = data_root.stage_dir("training") / "run"
     extra: list[str] = []
-    if config.rs_stats_samples > 0:
+    if config.rs_stats_samples > 0 and config.rs_stats is None:  # a user-given statistics file wins
         # Per-band mean/std of these shards for the clip-and-scale normalisation (nodata ignored).
         stats = compute_rs_stats(shard_list, max_samples=config.rs_stats_samples)
         stats_path = data_root.stage_dir("training") / "rs_stats.json"
