@@ -36,11 +36,13 @@ from rasterio.windows import from_bounds as window_from_bounds
 
 from gair_dataset.bands import (
     S2_BOA_ADD_OFFSET,
-    S2_COMMON_NAMES,
-    S2_HARMONIZE_BASELINE,
-    S2_SCL_CLOUD_CLASSES,
-    BandSet,
-    band_set_for,
+    BandProfile,
+    CloudMask,
+    UnknownCollectionError,
+    needs_s2_harmonization,
+    processing_baseline,
+    profile_for,
+    resolve_item_bands,
 )
 from gair_dataset.signing import Signer, install_redacting_log_filter, is_http_403, redact_text, redact_url
 
@@ -63,7 +65,8 @@ DEFAULT_GDAL_ENV: dict[str, Any] = {
 }
 """GDAL configuration used around every read (override per reader with ``gdal_env``)."""
 
-_MASK_CLASSES_NEAREST = {"SCL", "qa_pixel", "Fmask", "scl"}
+HARMONIZE_WARN_FRACTION = 0.05
+"""Warn (and say so in a nodata rejection) when removing the offset makes more than this fraction nodata."""
 
 
 class ChipReadError(RuntimeError):
@@ -130,6 +133,8 @@ class ChipResult:
     crs: str | None = None
     sources: list[str] = field(default_factory=list)
     """Unsigned, query-free hrefs that were read."""
+    harmonize_zeroed: float = 0.0
+    """Fraction of the pixels that became nodata only by removing the Sentinel-2 offset."""
 
     @property
     def ok(self) -> bool:
@@ -148,16 +153,6 @@ class BandSource:
     nodata: float | None
 
 
-_BAND_ALIASES: dict[str, tuple[str, ...]] = {
-    "R": ("red",), "G": ("green",), "B": ("blue",), "NIR": ("nir", "nir08"),
-    **{b: (c,) for b, c in S2_COMMON_NAMES.items()},
-}
-
-
-def _eo_names(band: Mapping[str, Any]) -> set[str]:
-    return {str(v).lower() for k in ("name", "common_name") if (v := band.get(k))}
-
-
 def _asset_nodata(asset: Mapping[str, Any], idx: int) -> float | None:
     rb = asset.get("raster:bands") or []
     if idx - 1 < len(rb) and rb[idx - 1].get("nodata") is not None:
@@ -166,75 +161,36 @@ def _asset_nodata(asset: Mapping[str, Any], idx: int) -> float | None:
 
 
 def resolve_band_sources(item: Mapping[str, Any], bands: Sequence[str],
-                         band_set: BandSet | None = None) -> list[BandSource]:
-    """Find the asset and 1-based band index of every requested band.
-
-    Looks first at the band set's asset for the band (e.g. ``B04`` -> asset ``B04``, NAIP ``R``
-    -> asset ``image`` band 1), selecting inside multi-band assets by ``eo:bands`` name or common
-    name; otherwise searches every asset's ``eo:bands`` for the name (e.g. one 12-band GeoTIFF
-    asset listing ``B01..B12``).
+                         band_set: BandProfile | None = None) -> list[BandSource]:
+    """Find the asset and 1-based band index of every requested band (see :func:`bands.resolve_item_bands`).
 
     Args:
         item: STAC item as a dict.
         bands: Band names.
-        band_set: The collection's band set, if known.
+        band_set: The collection's band profile (default: the item's collection's, else a generic one).
 
     Returns:
         One :class:`BandSource` per band, in order.
 
     Raises:
-        KeyError: If a band cannot be found.
+        KeyError: If a band cannot be found (the message names the item, the band and the keys tried).
     """
-    assets: Mapping[str, Mapping[str, Any]] = item.get("assets", {})
-    # one pass over the assets: eo:bands name/common name -> (asset, index), first match wins
-    by_name: dict[str, tuple[str, int]] = {}
-    for k, asset in assets.items():
-        for i, b in enumerate(asset.get("eo:bands") or (), start=1):
-            for n in _eo_names(b):
-                by_name.setdefault(n, (k, i))
-    out: list[BandSource] = []
-    for band in bands:
-        wanted = (band.lower(), *_BAND_ALIASES.get(band, ()))
-        key = band_set.asset_for_band.get(band, band) if band_set else band
-        hit: tuple[str, int] | None = None
-        if key in assets:
-            eo = assets[key].get("eo:bands") or ()
-            if len(eo) <= 1:
-                hit = (key, 1)
-            else:
-                hit = next(((key, i) for i, b in enumerate(eo, start=1) if _eo_names(b) & set(wanted)), None)
-        if hit is None:  # an asset named after an alias (Earth Search v1: "blue", "nir08"...)
-            hit = next(((a, 1) for a in wanted[1:] if a in assets
-                        and len(assets[a].get("eo:bands") or ()) <= 1), None)
-        if hit is None:
-            hit = next((by_name[n] for n in wanted if n in by_name), None)
-        if hit is None:
-            raise KeyError(f"band {band!r} not found in the assets of item {item.get('id')!r}")
-        asset = assets[hit[0]]
-        out.append(BandSource(band, hit[0], asset["href"], hit[1], _asset_nodata(asset, hit[1])))
-    return out
+    profile = band_set or _profile_or_generic(item, bands)
+    resolved = resolve_item_bands(item, bands, profile)
+    if not resolved.ok:
+        raise KeyError(f"item {item.get('id')!r} ({item.get('collection')}): no asset for band(s) "
+                       f"{resolved.describe_missing()}")
+    assets = item["assets"]
+    return [BandSource(r.band, r.asset, assets[r.asset]["href"], r.index, _asset_nodata(assets[r.asset], r.index))
+            for r in resolved.refs]
 
 
-def processing_baseline(item: Mapping[str, Any]) -> str | None:
-    """Return the item's ``s2:processing_baseline`` (e.g. ``"05.10"``) or None."""
-    pb = item.get("properties", {}).get("s2:processing_baseline")
-    return None if pb is None else str(pb)
-
-
-def needs_s2_harmonization(item: Mapping[str, Any]) -> bool:
-    """Whether a Sentinel-2 L2A item carries the +1000 DN offset (baseline >= 04.00).
-
-    Earth Search v1 items that already removed it say so (``earthsearch:boa_offset_applied``).
-    """
-    if item.get("properties", {}).get("earthsearch:boa_offset_applied") is True:
-        return False
-    pb = processing_baseline(item)
-    if pb is None:
-        return False
+def _profile_or_generic(item: Mapping[str, Any], bands: Sequence[str]) -> BandProfile:
+    """The item's collection's profile, or a generic one (bands looked up by name) for an unknown collection."""
     try:
-        return float(pb) >= float(S2_HARMONIZE_BASELINE)
-    except ValueError:
-        return pb >= S2_HARMONIZE_BASELINE
+        return profile_for(item.get("collection"))
+    except UnknownCollectionError:
+        return BandProfile(str(item.get("collection")), tuple(bands))
 
 
 def harmonize_s2(arr: np.ndarray, nodata: float = 0) -> np.ndarray:
@@ -284,10 +240,25 @@ def _mask_flag_ints(ds: Any) -> list[int]:
 
 @dataclass(frozen=True)
 class _ReadPlan:
-    """Which assets to read for a band list: (href, output positions, band indexes, nodata)."""
+    """What to read for one item and band list, resolved once per item (not per chip).
+
+    Attributes:
+        reads: ``(href, output positions, band indexes, nodata)`` per asset.
+        redacted: Unsigned, query-free hrefs of the band assets.
+        cloud: ``(href, mask)`` of the cloud mask asset, or None.
+        offset: DN offset to remove (Sentinel-2 baseline >= 04.00: 1000), else 0.
+        baseline: The item's processing baseline.
+        nodata: Nodata used when an asset declares none.
+        bands: Band names in output order.
+    """
 
     reads: list[tuple[str, list[int], list[int], float | None]]
     redacted: tuple[str, ...]
+    cloud: tuple[str, CloudMask] | None
+    offset: int
+    baseline: str | None
+    nodata: float
+    bands: tuple[str, ...]
 
 
 class _OpenDataset:
@@ -297,23 +268,26 @@ class _OpenDataset:
         self.ds = ds
         self.mask_flags = _mask_flag_ints(ds)
         self.nodata = ds.nodata
+        self.crs = ds.crs
+        self.uint16 = all(d == "uint16" for d in ds.dtypes)
         self.transform = ds.transform
         self._north_up = self.transform.b == 0 and self.transform.d == 0
         self._same_crs: dict[str, bool] = {}
 
-    def window(self, bounds: tuple[float, float, float, float]) -> Window:
-        """Pixel window of ``bounds`` (fast path for north-up grids)."""
+    def window(self, bounds: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        """Pixel window ``(col_off, row_off, width, height)`` of ``bounds`` (fast path for north-up grids)."""
         if not self._north_up:
-            return window_from_bounds(*bounds, transform=self.transform)
+            w = window_from_bounds(*bounds, transform=self.transform)
+            return w.col_off, w.row_off, w.width, w.height
         t = self.transform
         minx, miny, maxx, maxy = bounds
         c0, c1 = (minx - t.c) / t.a, (maxx - t.c) / t.a
         r0, r1 = (maxy - t.f) / t.e, (miny - t.f) / t.e
-        return Window(min(c0, c1), min(r0, r1), abs(c1 - c0), abs(r1 - r0))
+        return min(c0, c1), min(r0, r1), abs(c1 - c0), abs(r1 - r0)
 
     def same_crs(self, key: str, crs: CRS) -> bool:
         if key not in self._same_crs:
-            self._same_crs[key] = self.ds.crs is not None and self.ds.crs == crs
+            self._same_crs[key] = self.crs is not None and self.crs == crs
         return self._same_crs[key]
 
 
@@ -337,7 +311,7 @@ class ChipReader:
         self.env_options = {**DEFAULT_GDAL_ENV, **(gdal_env or {})}
         self.max_open = max_open
         self._open: OrderedDict[str, _OpenDataset] = OrderedDict()
-        self._plans: dict[tuple[int, tuple[str, ...]], tuple[Mapping[str, Any], _ReadPlan]] = {}
+        self._plans: OrderedDict[tuple[Any, ...], tuple[Mapping[str, Any], _ReadPlan]] = OrderedDict()
         self._env: rasterio.Env | None = None
         self.n_resigned = 0
 
@@ -404,7 +378,7 @@ class ChipReader:
     def read(self, item: Mapping[str, Any], tile: TileSpec, *, bands: Sequence[str] | None = None,
              out_size: int | None = None, max_nodata_fraction: float = 0.1,
              max_cloud_fraction: float | None = 0.1,
-             cloud_classes: Sequence[int] = S2_SCL_CLOUD_CLASSES, harmonize: bool = True,
+             cloud_classes: Sequence[int] | None = None, harmonize: bool = True,
              raise_on_error: bool = False) -> ChipResult:
         """Read one chip; see :func:`read_chip` for the arguments."""
         if self._env is None:
@@ -416,150 +390,222 @@ class ChipReader:
 
     def _read(self, item: Mapping[str, Any], tile: TileSpec, bands: Sequence[str] | None,
               out_size: int | None, max_nodata_fraction: float, max_cloud_fraction: float | None,
-              cloud_classes: Sequence[int], harmonize: bool, raise_on_error: bool) -> ChipResult:
+              cloud_classes: Sequence[int] | None, harmonize: bool, raise_on_error: bool) -> ChipResult:
         collection = item.get("collection")
+        result = ChipResult(array=None, bands=list(bands or ()), nodata_fraction=1.0, item_id=item.get("id"),
+                            collection=collection, crs=tile.crs)
         try:
-            band_set: BandSet | None = band_set_for(str(collection))
-        except KeyError:
-            band_set = None
-        if bands is None:
-            if band_set is None:
-                raise KeyError(f"unknown collection {collection!r}: pass bands=[...]")
-            bands = band_set.bands
-        bands = list(bands)
-        result = ChipResult(
-            array=None, bands=bands, nodata_fraction=1.0, processing_baseline=processing_baseline(item),
-            item_id=item.get("id"), collection=collection, crs=tile.crs,
-        )
-        height, width = (out_size, out_size) if out_size else (tile.height, tile.width)
-        default_nodata = band_set.nodata if band_set else 0
-        try:
-            plan = self._plan(item, bands, band_set)
-        except KeyError as exn:
-            result.rejected_reason = f"missing_band: {exn.args[0]}"
+            plan = self._plan(item, bands, harmonize)
+        except KeyError as exn:  # UnknownCollectionError or a missing band
+            kind = "unknown_collection" if isinstance(exn, UnknownCollectionError) else "missing_band"
+            result.rejected_reason = f"{kind}: item {item.get('id')!r}: {exn.args[0]}"
             return result
+        result.bands = list(plan.bands)
+        result.processing_baseline = plan.baseline
         result.sources = list(plan.redacted)
+        height, width = (out_size, out_size) if out_size else (tile.height, tile.width)
         dst_crs = _parse_crs(tile.crs)
-
-        out: np.ndarray | None = None
-        invalid: np.ndarray | None = None
         try:
-            for href, positions, indexes, nodata in plan.reads:
-                data, bad = self._read_asset(href, indexes, tile, dst_crs, height, width, nodata,
-                                             default_nodata, Resampling.bilinear)
-                if len(plan.reads) == 1:
-                    out, invalid = data, bad  # one asset holds every band, in order: no copy
-                else:
-                    if out is None or invalid is None:
-                        out = np.empty((len(bands), height, width), dtype=np.uint16)
-                        invalid = np.zeros((height, width), dtype=bool)
-                    out[positions] = data
-                    invalid |= bad
-            assert out is not None and invalid is not None
-            cloud_fraction = None
-            cloud_asset = band_set.cloud_asset if band_set else None
-            if max_cloud_fraction is not None and cloud_asset and cloud_asset in item.get("assets", {}):
-                scl_href = item["assets"][cloud_asset]["href"]
-                scl, scl_bad = self._read_asset(scl_href, [1], tile, dst_crs, height, width, 0, 0,
-                                                Resampling.nearest)
-                valid = ~(invalid | scl_bad)
-                n_valid = int(valid.sum())
-                cloudy = np.isin(scl[0], np.asarray(cloud_classes)) & valid
-                cloud_fraction = float(cloudy.sum()) / n_valid if n_valid else 1.0
-                result.cloud_fraction = cloud_fraction
-                result.sources = sorted({*result.sources, redact_url(scl_href)})
+            out, invalid, raw_invalid = self._read_bands(plan, tile, dst_crs, height, width)
+            if max_cloud_fraction is not None and plan.cloud is not None:
+                result.cloud_fraction = self._cloud_fraction(plan.cloud, tile, dst_crs, height, width, invalid,
+                                                             cloud_classes)
+                result.sources = sorted({*result.sources, redact_url(plan.cloud[0])})
         except ChipReadError as exn:
             if raise_on_error:
                 raise
             result.rejected_reason = f"read_error: {exn}"
             return result
-
-        result.nodata_fraction = np.count_nonzero(invalid) / invalid.size if invalid.size else 1.0
+        result.harmonized = plan.offset > 0
+        n = invalid.size
+        result.nodata_fraction = np.count_nonzero(invalid) / n if n else 1.0
+        if plan.offset:
+            before = np.count_nonzero(raw_invalid) / n if n else 1.0
+            result.harmonize_zeroed = result.nodata_fraction - before
+            if result.harmonize_zeroed > HARMONIZE_WARN_FRACTION:
+                log.warning("item %s: removing the +%d offset (baseline %s) made %.1f%% of tile %s nodata: its "
+                            "pixels may already be harmonised", item.get("id"), plan.offset, plan.baseline,
+                            100 * result.harmonize_zeroed, tile.tile_id)
         if result.nodata_fraction > max_nodata_fraction:
-            result.rejected_reason = (
-                f"nodata_fraction {result.nodata_fraction:.3f} > {max_nodata_fraction}"
-            )
+            result.rejected_reason = f"nodata_fraction {result.nodata_fraction:.3f} > {max_nodata_fraction}"
+            if result.harmonize_zeroed > HARMONIZE_WARN_FRACTION:
+                result.rejected_reason += (
+                    f" ({result.nodata_fraction - result.harmonize_zeroed:.3f} before removing the +{plan.offset} "
+                    f"offset of baseline {plan.baseline}: item {item.get('id')!r} may already be harmonised; "
+                    f"set offset_removed: true in the band profile of {collection!r})")
             return result
         if result.cloud_fraction is not None and max_cloud_fraction is not None \
                 and result.cloud_fraction > max_cloud_fraction:
             result.rejected_reason = f"cloud_fraction {result.cloud_fraction:.3f} > {max_cloud_fraction}"
             return result
-        if invalid.any():
-            out[:, invalid] = default_nodata
-        if harmonize and band_set is not None and band_set.harmonize_s2 and needs_s2_harmonization(item):
-            harmonize_s2(out, default_nodata)
-            result.harmonized = True
+        if result.nodata_fraction:
+            out[:, invalid] = plan.nodata
         result.array = out
         return result
 
-    def _plan(self, item: Mapping[str, Any], bands: list[str], band_set: BandSet | None) -> _ReadPlan:
-        """Band sources grouped per asset, cached per (item object, bands)."""
-        key = (id(item), tuple(bands))
+    def _read_bands(self, plan: _ReadPlan, tile: TileSpec, dst_crs: CRS, height: int,
+                    width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every band of a plan onto the tile grid: ``(bands x H x W, invalid, invalid before harmonising)``."""
+        out: np.ndarray | None = None
+        invalid: np.ndarray | None = None
+        raw_invalid: np.ndarray | None = None
+        for href, positions, indexes, nodata in plan.reads:
+            target = None
+            if len(plan.reads) > 1:
+                if out is None:
+                    out = np.empty((len(plan.bands), height, width), dtype=np.uint16)
+                if positions == list(range(positions[0], positions[0] + len(positions))):
+                    target = out[positions[0]:positions[0] + len(positions)]  # read straight into ``out``
+            data, bad, raw_bad = self._read_asset(href, indexes, tile, dst_crs, height, width, nodata,
+                                                  plan.nodata, Resampling.bilinear, plan.offset, target)
+            if len(plan.reads) == 1:
+                out, invalid, raw_invalid = data, bad, raw_bad  # one asset holds every band: no copy
+            else:
+                assert out is not None
+                if invalid is None or raw_invalid is None:
+                    invalid = np.zeros((height, width), dtype=bool)
+                    raw_invalid = np.zeros((height, width), dtype=bool) if plan.offset else invalid
+                if data is not target:
+                    out[positions] = data
+                invalid |= bad
+                if raw_invalid is not invalid:
+                    raw_invalid |= raw_bad
+        assert out is not None and invalid is not None and raw_invalid is not None
+        return out, invalid, raw_invalid
+
+    def _cloud_fraction(self, cloud: tuple[str, CloudMask], tile: TileSpec, dst_crs: CRS, height: int,
+                        width: int, invalid: np.ndarray, classes: Sequence[int] | None) -> float:
+        href, mask = cloud
+        qa, qa_bad, _ = self._read_asset(href, [1], tile, dst_crs, height, width, mask.nodata, mask.nodata,
+                                         Resampling.nearest, 0)
+        valid = ~(invalid | qa_bad)
+        n_valid = int(np.count_nonzero(valid))
+        if mask.bits:
+            bits = sum(1 << b for b in mask.bits)
+            cloudy = (qa[0] & bits) != 0
+        else:
+            cloudy = np.isin(qa[0], np.asarray(classes if classes is not None else mask.classes))
+        return float(np.count_nonzero(cloudy & valid)) / n_valid if n_valid else 1.0
+
+    def _plan(self, item: Mapping[str, Any], bands: Sequence[str] | None, harmonize: bool) -> _ReadPlan:
+        """The read plan of an item, cached per (item object, bands, harmonize).
+
+        Band resolution itself is cached per (collection, bands, asset-key signature) in
+        :func:`gair_dataset.bands.resolve_item_bands`, so items of one catalog share it.
+        """
+        key = (id(item), None if bands is None else tuple(bands), harmonize)
         hit = self._plans.get(key)
         if hit is not None and hit[0] is item:
             return hit[1]
-        sources = resolve_band_sources(item, bands, band_set)
+        try:
+            profile = profile_for(item.get("collection"))
+        except UnknownCollectionError:
+            if bands is None:
+                raise
+            profile = BandProfile(str(item.get("collection")), tuple(bands))
+        wanted = profile.bands if bands is None else tuple(bands)
+        sources = resolve_band_sources(item, wanted, profile)
         by_href: dict[str, list[int]] = {}
         for i, src in enumerate(sources):
             by_href.setdefault(src.href, []).append(i)
+        resolved = resolve_item_bands(item, wanted, profile)
+        cloud = None
+        if resolved.cloud_asset is not None and profile.cloud is not None:
+            cloud = (item["assets"][resolved.cloud_asset]["href"], profile.cloud)
         plan = _ReadPlan(
             reads=[(href, pos, [sources[p].index for p in pos], sources[pos[0]].nodata)
                    for href, pos in by_href.items()],
             redacted=tuple(sorted({redact_url(src.href) for src in sources})),
+            cloud=cloud,
+            offset=S2_BOA_ADD_OFFSET if harmonize and needs_s2_harmonization(item, profile) else 0,
+            baseline=processing_baseline(item),
+            nodata=profile.nodata,
+            bands=tuple(wanted),
         )
         self._plans[key] = (item, plan)  # keeps ``item`` alive, so its id cannot be reused
         while len(self._plans) > 256:
-            self._plans.pop(next(iter(self._plans)))
+            self._plans.popitem(last=False)
         return plan
 
     def _read_asset(self, href: str, indexes: list[int], tile: TileSpec, dst_crs: CRS, height: int,
                     width: int, nodata: float | None, default_nodata: float,
-                    resampling: Resampling) -> tuple[np.ndarray, np.ndarray]:
-        """Read ``indexes`` of one asset onto the tile grid; returns (data, invalid-mask)."""
+                    resampling: Resampling, offset: int,
+                    target: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Read ``indexes`` of one asset onto the tile grid, removing ``offset`` (harmonisation).
 
-        def read(entry: _OpenDataset) -> tuple[np.ndarray, np.ndarray]:
+        ``target``: a uint16 ``len(indexes) x height x width`` view to read into when the read is a plain
+        window read of uint16 data (the returned data is then ``target`` itself).
+
+        Returns:
+            ``(data, invalid, invalid before removing the offset)``: pixels made 0 (nodata) by the offset
+            count as invalid.
+        """
+
+        def read(entry: _OpenDataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             src = entry.ds
+            if entry.crs is None:
+                raise ChipReadError(f"{redact_url(href)} has no CRS (no georeferencing): it cannot be placed on "
+                                    f"tile {tile.tile_id or ''} ({tile.crs}); fix the file or its item")
             src_nodata = nodata if nodata is not None else entry.nodata
             if src_nodata is None:
                 src_nodata = default_nodata
-            same_crs = entry.same_crs(tile.crs, dst_crs)
             has_mask = bool(entry.mask_flags[indexes[0] - 1] & _MASK_OR_ALPHA)
-            if same_crs:
-                window = entry.window(tile.bounds)
-                inside = (window.col_off >= -1e-6 and window.row_off >= -1e-6
-                          and window.col_off + window.width <= src.width + 1e-6
-                          and window.row_off + window.height <= src.height + 1e-6)
-                same_grid = _is_integer_window(window) and int(round(window.width)) == width \
-                    and int(round(window.height)) == height
-                if same_grid:
-                    window = Window(round(window.col_off), round(window.row_off), width, height)
+            if entry.same_crs(tile.crs, dst_crs):
+                c0, r0, w, h = entry.window(tile.bounds)
+                inside = c0 >= -1e-6 and r0 >= -1e-6 and c0 + w <= src.width + 1e-6 and r0 + h <= src.height + 1e-6
+                same_grid = _is_integer(c0, r0, w, h) and round(w) == width and round(h) == height
+                window = Window(round(c0), round(r0), width, height) if same_grid else Window(c0, r0, w, h)
                 rs = Resampling.nearest if same_grid else resampling
-                kw: dict[str, Any] = {"window": window, "out_shape": (len(indexes), height, width),
-                                      "resampling": rs}
-                if not inside:
-                    kw.update(boundless=True, fill_value=src_nodata)
-                data = src.read(indexes, **kw)
-                masks = src.read_masks(indexes, **{k: v for k, v in kw.items() if k != "fill_value"}) \
-                    if has_mask else None
+                if inside and same_grid:
+                    if target is not None and entry.uint16:
+                        data = src.read(indexes, window=window, out=target)
+                    else:
+                        data = src.read(indexes, window=window)
+                    masks = src.read_masks(indexes, window=window) if has_mask else None
+                else:
+                    kw: dict[str, Any] = {"window": window, "out_shape": (len(indexes), height, width),
+                                          "resampling": rs}
+                    if not inside:
+                        kw.update(boundless=True, fill_value=src_nodata)
+                    data = src.read(indexes, **kw)
+                    masks = src.read_masks(indexes, **{k: v for k, v in kw.items() if k != "fill_value"}) \
+                        if has_mask else None
             else:
                 dst_transform = transform_from_bounds(*tile.bounds, width, height)
                 with WarpedVRT(src, crs=dst_crs, transform=dst_transform, width=width, height=height,
                                resampling=resampling, src_nodata=src_nodata, nodata=src_nodata) as vrt:
                     data = vrt.read(indexes)
                     masks = vrt.read_masks(indexes) if has_mask else None
-            if np.isnan(src_nodata):
-                bad = np.isnan(data).any(axis=0)
-            elif data.dtype.kind == "u" and src_nodata == 0:
-                bad = data.min(axis=0) == 0  # unsigned: any band == 0  <=>  min == 0
-            else:
-                nd = data.dtype.type(src_nodata) if data.dtype.kind in "ui" and float(src_nodata).is_integer() \
-                    else src_nodata
-                bad = (data == nd).any(axis=0)
-            if masks is not None:
-                bad |= np.any(masks == 0, axis=0)
-            return _to_uint16(data), bad
+            return _invalid_and_harmonize(data, src_nodata, masks, offset)
 
         return self._with_dataset(href, read)
+
+
+def _invalid_and_harmonize(data: np.ndarray, src_nodata: float, masks: np.ndarray | None,
+                           offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uint16 data with ``offset`` removed, the invalid mask after and before removing it."""
+    if data.dtype.kind == "u" and src_nodata == 0:
+        mn = data[0] if len(data) == 1 else data.min(axis=0)  # unsigned: any band == 0  <=>  min == 0
+        raw_bad = mn == 0
+        bad = (mn <= offset) if offset else raw_bad
+        data = _to_uint16(data)
+    else:
+        if np.isnan(src_nodata):
+            raw_bad = np.isnan(data).any(axis=0)
+        else:
+            nd = data.dtype.type(src_nodata) if data.dtype.kind in "ui" and float(src_nodata).is_integer() \
+                else src_nodata
+            raw_bad = (data == nd).any(axis=0)
+        data = _to_uint16(data)
+        bad = (raw_bad | (data.min(axis=0) <= offset)) if offset else raw_bad
+    if masks is not None:
+        masked = np.any(masks == 0, axis=0)
+        raw_bad = raw_bad | masked
+        bad = bad | masked if offset else raw_bad
+    if offset:
+        np.maximum(data, offset, out=data)  # values below the offset clip to 0 (and 0 stays 0)
+        data -= offset
+    return data, bad, raw_bad
 
 
 @functools.lru_cache(maxsize=256)
@@ -567,8 +613,8 @@ def _parse_crs(crs: str) -> CRS:
     return CRS.from_user_input(crs)
 
 
-def _is_integer_window(w: Window, tol: float = 1e-6) -> bool:
-    return all(abs(v - round(v)) < tol for v in (w.col_off, w.row_off, w.width, w.height))
+def _is_integer(*values: float, tol: float = 1e-6) -> bool:
+    return all(abs(v - round(v)) < tol for v in values)
 
 
 def _to_uint16(data: np.ndarray) -> np.ndarray:
@@ -584,7 +630,7 @@ def _to_uint16(data: np.ndarray) -> np.ndarray:
 
 def read_chip(item: Mapping[str, Any], tile: TileSpec, *, bands: list[str] | None = None,
               out_size: int | None = None, signer: Signer | None = None, max_nodata_fraction: float = 0.1,
-              max_cloud_fraction: float | None = 0.1, cloud_classes: Sequence[int] = S2_SCL_CLOUD_CLASSES,
+              max_cloud_fraction: float | None = 0.1, cloud_classes: Sequence[int] | None = None,
               harmonize: bool = True, gdal_env: Mapping[str, Any] | None = None,
               raise_on_error: bool = False) -> ChipResult:
     """Read one tile of a STAC item as a uint16 ``bands x H x W`` chip (one-shot helper).
@@ -600,7 +646,7 @@ def read_chip(item: Mapping[str, Any], tile: TileSpec, *, bands: list[str] | Non
         signer: Href signer for http(s) assets (re-signed once on HTTP 403).
         max_nodata_fraction: Reject chips with more nodata than this.
         max_cloud_fraction: Reject chips with more SCL cloud/shadow than this (None: no check).
-        cloud_classes: SCL classes counted as cloud.
+        cloud_classes: Classes counted as cloud (default: the profile's, SCL 3, 8, 9, 10).
         harmonize: Remove the Sentinel-2 baseline >= 04.00 offset.
         gdal_env: Extra GDAL config options.
         raise_on_error: Raise :class:`ChipReadError` on I/O errors instead of rejecting.

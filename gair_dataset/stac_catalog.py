@@ -22,6 +22,7 @@ import geopandas as gpd
 import shapely
 from shapely.geometry import box, shape
 
+from gair_dataset.bands import processing_baseline
 from gair_dataset.geo import check_bbox
 from gair_dataset.signing import TOKEN_PARAMS
 
@@ -56,6 +57,9 @@ class SearchParams:
     max_items: int | None = 500
     limit: int = 100
     extra: dict = field(default_factory=dict)
+    conforms_to: tuple[str, ...] = ()
+    """Conformance classes to assume for an API whose landing page lacks them (pystac-client
+    ``add_conforms_to`` names: ``ITEM_SEARCH``, ``QUERY``, ``FILTER``, ...), e.g. Earth Search v0."""
 
     def __post_init__(self) -> None:
         if not self.collections:
@@ -78,6 +82,7 @@ class SearchParams:
         """A JSON-friendly description (for logs and metadata)."""
         d = asdict(self)
         d["collections"] = list(self.collections)
+        d["conforms_to"] = list(self.conforms_to)
         d["bbox"] = list(self.bbox) if self.bbox else None
         if self.intersects is not None:  # a summary: a detailed boundary would flood logs and metadata
             geom = self.area()
@@ -287,16 +292,24 @@ def search_live(url: str, params: SearchParams, *, modifier: Callable[[Any], Non
         Unsigned item dicts, at most ``params.max_items``.
 
     Raises:
-        StacSearchError: the API is unreachable or kept failing after the retries.
+        StacSearchError: the API is unreachable, kept failing after the retries, does not declare a conformance
+            class the search needs (declare it with ``params.conforms_to``), or answered something pystac-client
+            cannot use.
     """
     import requests
+    from pystac.errors import STACError
     from pystac_client import Client
+    from pystac_client.errors import ClientTypeError
     from pystac_client.exceptions import APIError
     from pystac_client.stac_api_io import StacApiIO
+    from pystac_client.warnings import DoesNotConformTo, PystacClientWarning
 
     stac_io = StacApiIO(headers=headers, timeout=timeout, max_retries=retry_policy(max_retries, backoff_factor))
+    where = f"STAC search at {strip_sas_token(url)}"
     try:
         client = Client.open(url, modifier=modifier, stac_io=stac_io)
+        for name in params.conforms_to:
+            client.add_conforms_to(name)
         kwargs: dict[str, Any] = {"collections": list(params.collections), "datetime": params.datetime,
                                   "max_items": params.max_items, "limit": params.limit, "method": "POST"}
         if params.intersects is not None:
@@ -308,9 +321,17 @@ def search_live(url: str, params: SearchParams, *, modifier: Callable[[Any], Non
         kwargs.update(params.extra)
         search = client.search(**kwargs)
         items = [unsign_item(it) for it in search.items_as_dicts()]
-    except (APIError, requests.RequestException, OSError) as exc:
-        raise StacSearchError(f"STAC search at {strip_sas_token(url)} failed: {type(exc).__name__}: "
-                              f"{strip_sas_token(str(exc))[:500]}") from exc
+    except DoesNotConformTo as exc:
+        raise StacSearchError(
+            f"{where} failed: {exc}; the API's landing page does not declare that conformance class. If the API "
+            f"does support it (e.g. Earth Search v0), declare it in the region: conforms_to: [{exc.args[0]}]"
+        ) from exc
+    except KeyError as exc:  # pystac-client raises KeyError for an unknown conformance class name
+        raise StacSearchError(f"{where} failed: unknown conformance class {exc} in conforms_to "
+                              f"{list(params.conforms_to)}") from exc
+    except (APIError, ClientTypeError, PystacClientWarning, STACError, requests.RequestException, OSError,
+            ValueError, TypeError) as exc:
+        raise StacSearchError(f"{where} failed: {type(exc).__name__}: {strip_sas_token(str(exc))[:500]}") from exc
     # Client-side guard: servers without the query extension ignore the cloud filter.
     kept = [it for it in items if matches(it, params)]
     if len(kept) < len(items):
@@ -318,32 +339,50 @@ def search_live(url: str, params: SearchParams, *, modifier: Callable[[Any], Non
     return kept
 
 
-def validate_items(items: list[dict], required_assets: Iterable[str] = ()) -> tuple[list[dict], list[dict]]:
+def validate_items(items: list[dict], required_assets: Iterable[str] = (), *,
+                   check_bands: bool = False) -> tuple[list[dict], list[dict]]:
     """Split items into usable ones and rejects ``{"item_id", "reason"}``.
 
-    An item needs a footprint, a datetime, a projection (``proj:epsg`` or ``proj:code``) and the required
-    band assets.
+    An item needs a footprint, a datetime, a projection (``proj:epsg`` or ``proj:code``) and its band assets:
+    the ``required_assets`` keys, and with ``check_bands`` its own collection's band profile
+    (:func:`gair_dataset.bands.resolve_item_bands`: Planetary Computer ``B04`` and Earth Search ``red`` alike;
+    an item of a collection without a profile is rejected with a reason naming it).
     """
     ok: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
     required = list(required_assets)
     for it in items:
-        reason = None
-        if not it.get("geometry"):
-            reason = "no geometry"
-        elif item_epsg(it) is None:
-            reason = "no projection fields (proj:epsg / proj:code)"
+        reason = _item_problem(it, required, check_bands)
+        if reason:
+            rejects.append({"item_id": it.get("id"), "reason": reason})
         else:
-            try:
-                _item_datetime(it)
-            except ValueError:
-                reason = "no datetime"
-        if reason is None:
-            missing = [a for a in required if a not in it.get("assets", {})]
-            if missing:
-                reason = f"missing band assets: {','.join(missing)}"
-        (rejects if reason else ok).append(it if not reason else {"item_id": it.get("id"), "reason": reason})
+            ok.append(it)
     return ok, rejects
+
+
+def _item_problem(it: dict, required: list[str], check_bands: bool) -> str | None:
+    """Why an item is unusable, or None."""
+    if not it.get("geometry"):
+        return "no geometry"
+    if item_epsg(it) is None:
+        return "no projection fields (proj:epsg / proj:code)"
+    try:
+        _item_datetime(it)
+    except ValueError:
+        return "no datetime"
+    missing = [a for a in required if a not in it.get("assets", {})]
+    if missing:
+        return f"missing band assets: {','.join(missing)}"
+    if check_bands:
+        from gair_dataset.bands import UnknownCollectionError, resolve_item_bands
+
+        try:
+            resolved = resolve_item_bands(it)
+        except UnknownCollectionError as exc:
+            return str(exc)
+        if not resolved.ok:
+            return f"missing band assets: {resolved.describe_missing()}"
+    return None
 
 
 def items_to_geodataframe(items: list[dict]) -> gpd.GeoDataFrame:
@@ -357,7 +396,7 @@ def items_to_geodataframe(items: list[dict]) -> gpd.GeoDataFrame:
             "datetime": _item_datetime(it),
             "cloud_cover": float(p["eo:cloud_cover"]) if p.get("eo:cloud_cover") is not None else math.nan,
             "platform": p.get("platform"),
-            "processing_baseline": p.get("s2:processing_baseline"),
+            "processing_baseline": processing_baseline(it),
             "epsg": item_epsg(it),
             "synthetic": bool(p.get("gair:synthetic", False)),
             "geometry": shape(it["geometry"]),

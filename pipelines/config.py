@@ -6,12 +6,13 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import shapely
 import yaml
 from shapely.geometry import box, mapping
 
+from gair_dataset.bands import profile_from_config, register_profile
 from gair_dataset.geo import check_bbox, check_region_geometry
 from gair_dataset.stac_catalog import SearchParams
 from gair_dataset.tile_grid import GridConfig, SplitConfig
@@ -52,11 +53,88 @@ def regions_file() -> Path:
 
 @dataclass(frozen=True)
 class StreetViewSource:
-    """Where a region's street-view points come from: ``table`` (GeoParquet/CSV) or ``exif_folder``."""
+    """Where a region's street-view points come from.
+
+    File kinds: ``table`` (GeoParquet/Parquet/CSV, ``path``) and ``exif_folder`` (geotagged JPEGs, ``path``).
+    API kinds: ``mapillary`` (Graph API v4) and ``panoramax`` (a STAC API), searched with the region's bbox;
+    ``url`` overrides the API root, ``token_env`` names the environment variable holding the access token (the
+    token itself never appears in the config, logs or outputs), ``page_size`` and ``max_points`` bound the
+    search and ``image_size`` picks the image (Mapillary ``thumb_256|thumb_1024|thumb_2048|thumb_original``,
+    Panoramax ``hd|sd|thumb``).
+    """
 
     kind: str
-    path: str
+    path: str = ""
     image_root: str | None = None
+    url: str | None = None
+    token_env: str | None = None
+    page_size: int = 100
+    max_points: int | None = None
+    image_size: str | None = None
+
+    FILE_KINDS: ClassVar[tuple[str, ...]] = ("table", "exif_folder")
+    API_KINDS: ClassVar[tuple[str, ...]] = ("mapillary", "panoramax")
+    _API_KEYS: ClassVar[frozenset[str]] = frozenset({"kind", "url", "token_env", "page_size", "max_points",
+                                                      "image_size"})
+    _FILE_KEYS: ClassVar[frozenset[str]] = frozenset({"kind", "path", "image_root"})
+
+    @classmethod
+    def from_config(cls, region: str, raw: Any) -> "StreetViewSource":
+        """Parse and check a region's ``streetview:`` mapping.
+
+        Args:
+            region: the region name (named in every error).
+            raw: the mapping, e.g. ``{kind: table, path: points.parquet}`` or
+                ``{kind: mapillary, token_env: MAPILLARY_TOKEN, url: http://127.0.0.1:8765/mapillary}``.
+
+        Raises:
+            ValueError: naming the region and the field at fault.
+        """
+        where = f"region {region!r}: streetview"
+        if not isinstance(raw, dict) or not raw:
+            raise ValueError(f"{where}: a mapping is required, e.g. {{kind: table, path: points.parquet}} or "
+                             f"{{kind: mapillary, token_env: MAPILLARY_TOKEN}}")
+        kind = raw.get("kind", "table")
+        if kind not in cls.FILE_KINDS + cls.API_KINDS:
+            raise ValueError(f"{where}.kind must be one of {list(cls.FILE_KINDS + cls.API_KINDS)}, got {kind!r}")
+        allowed = cls._API_KEYS if kind in cls.API_KINDS else cls._FILE_KEYS
+        unknown = sorted(set(raw) - allowed)
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown} for kind {kind!r} (allowed: {sorted(allowed)})")
+        if kind in cls.FILE_KINDS:
+            if not raw.get("path"):
+                raise ValueError(f"{where}: kind {kind!r} needs 'path'")
+            return cls(kind=kind, path=str(raw["path"]), image_root=raw.get("image_root"))
+        token_env = raw.get("token_env")
+        if kind == "mapillary" and not token_env:
+            raise ValueError(f"{where}: kind 'mapillary' needs 'token_env' (the environment variable holding the "
+                             f"access token, e.g. MAPILLARY_TOKEN)")
+        if token_env is not None and not str(token_env).isidentifier():
+            raise ValueError(f"{where}.token_env must be an environment variable NAME, not a token")
+        url = raw.get("url")
+        if url is not None and not str(url).startswith(("http://", "https://")):
+            raise ValueError(f"{where}.url must be an http(s) URL, got {url!r}")
+        try:
+            page_size = int(raw.get("page_size", 100))
+            max_points = None if raw.get("max_points") is None else int(raw["max_points"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: page_size/max_points must be integers ({exc})") from exc
+        if page_size < 1 or (max_points is not None and max_points < 1):
+            raise ValueError(f"{where}: page_size and max_points must be >= 1")
+        return cls(kind=kind, url=None if url is None else str(url).rstrip("/"),
+                   token_env=None if token_env is None else str(token_env), page_size=page_size,
+                   max_points=max_points, image_size=raw.get("image_size"))
+
+    @property
+    def is_api(self) -> bool:
+        """Whether the points come from a hosted API (Mapillary, Panoramax) rather than files."""
+        return self.kind in self.API_KINDS
+
+    def describe(self) -> dict[str, Any]:
+        """The source for run metadata: kind and path or URL and token variable name (never the token)."""
+        if self.is_api:
+            return {"kind": self.kind, "url": self.url, "token_env": self.token_env, "max_points": self.max_points}
+        return {"kind": self.kind, "path": self.path}
 
     def resolve(self, base: Path, sample_dir: Path | None = None) -> Path:
         """Absolute path; ``sample://`` points into the embedded sample, relative paths to the config file.
@@ -98,6 +176,7 @@ class RegionConfig:
     description: str = ""
     base_dir: Path = field(default_factory=Path.cwd)  # the regions file's folder (relative paths resolve there)
     geometry: dict | None = None  # GeoJSON (Multi)Polygon when the region is not a plain bbox; bbox = its bounds
+    conforms_to: tuple[str, ...] = ()  # conformance classes to assume for an API that does not declare them
 
     def area(self) -> shapely.Geometry:
         """The region as a shapely geometry (EPSG:4326): its polygon, or its bbox."""
@@ -107,7 +186,8 @@ class RegionConfig:
         """The STAC search for this region (``intersects`` its polygon when it has one, else its bbox)."""
         return SearchParams(collections=self.collections, bbox=None if self.geometry else self.bbox,
                             intersects=self.geometry, datetime=self.datetime,
-                            max_cloud_cover=self.max_cloud_cover, max_items=self.max_items)
+                            max_cloud_cover=self.max_cloud_cover, max_items=self.max_items,
+                            conforms_to=self.conforms_to)
 
 
 def _merge(defaults: dict, region: dict) -> dict:
@@ -138,31 +218,36 @@ def _region(name: str, raw: dict[str, Any], base: Path) -> RegionConfig:
         raise ValueError(f"region {name!r}: give exactly one of 'bbox' ([west, south, east, north]) or 'geometry' "
                          f"(a GeoJSON Polygon/MultiPolygon, inline or a file path)")
     polygon = _region_geometry(name, raw["geometry"], base) if "geometry" in raw else None
-    sv = raw.get("streetview")
-    if not sv or "path" not in sv:
-        raise ValueError(f"region {name!r}: 'streetview: {{kind, path}}' is required")
-    if sv.get("kind", "table") not in ("table", "exif_folder"):
-        raise ValueError(f"region {name!r}: streetview.kind must be 'table' or 'exif_folder'")
+    streetview = StreetViewSource.from_config(name, raw.get("streetview"))
     cap = raw.get("max_points_per_tile")
+    try:
+        bbox = check_bbox(raw["bbox"]) if polygon is None else polygon.bounds
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"region {name!r}: invalid bbox: {exc}") from exc
+    conforms = raw.get("conforms_to") or []
+    if isinstance(conforms, str) or not all(isinstance(c, str) for c in conforms):
+        raise ValueError(f"region {name!r}: conforms_to must be a list of conformance class names "
+                         f"(e.g. [ITEM_SEARCH, QUERY]), got {conforms!r}")
     return RegionConfig(
         name=name,
-        bbox=check_bbox(raw["bbox"]) if polygon is None else polygon.bounds,
+        bbox=bbox,
         collections=tuple(raw.get("collections", ["sentinel-2-l2a"])),
         datetime=raw.get("datetime"),
         max_cloud_cover=raw.get("max_cloud_cover"),
         max_items=raw.get("max_items"),
         grid=GridConfig(**raw.get("tile_grid", {})),
         split=SplitConfig(**raw.get("split", {})),
-        streetview=StreetViewSource(kind=sv.get("kind", "table"), path=sv["path"], image_root=sv.get("image_root")),
+        streetview=streetview,
         max_points_per_tile=int(cap) if cap is not None else None,
         description=raw.get("description", ""),
         base_dir=base,
         geometry=mapping(polygon) if polygon is not None else None,
+        conforms_to=tuple(c.upper() for c in conforms),
     )
 
 
 def load_regions(path: Path | None = None) -> dict[str, RegionConfig]:
-    """Parse and validate the regions file.
+    """Parse and validate the regions file; register its ``band_profiles:`` (see ``gair_dataset.bands``).
 
     Raises:
         ValueError: with the region and field at fault.
@@ -175,9 +260,17 @@ def load_regions(path: Path | None = None) -> dict[str, RegionConfig]:
     if not regions:
         raise ValueError(f"{path}: no regions declared")
     defaults = doc.get("defaults", {})
+    for collection, raw_profile in (doc.get("band_profiles") or {}).items():
+        try:
+            register_profile(profile_from_config(str(collection), raw_profile, source=str(path)))
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
     out = {}
     for name, raw in regions.items():
         if not name or not all(c.isalnum() or c in "-_" for c in name):
-            raise ValueError(f"region name {name!r} must use only letters, digits, '-' and '_'")
-        out[name] = _region(name, _merge(defaults, raw or {}), path.parent)
+            raise ValueError(f"{path}: region name {name!r} must use only letters, digits, '-' and '_'")
+        try:
+            out[name] = _region(name, _merge(defaults, raw or {}), path.parent)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
     return out

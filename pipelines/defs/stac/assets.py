@@ -12,6 +12,7 @@ from gair_dataset.signing import TOKEN_PARAMS
 from gair_dataset.stac_catalog import (
     StacSearchError,
     items_to_geodataframe,
+    read_items,
     validate_items,
     write_items,
 )
@@ -20,13 +21,6 @@ from pipelines.common.plots import figure_md, footprints_map
 from pipelines.common.storage import DataRoot
 from pipelines.defs.stac.resources import StacCatalog
 from pipelines.partitions import region_of, region_partitions
-
-# Band assets a chip needs, per collection (items without them are rejected with a reason).
-REQUIRED_ASSETS = {
-    "sentinel-2-l2a": ["B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"],
-    "naip": ["image"],
-    "landsat-c2-l2": ["blue", "green", "red", "nir08", "swir16", "swir22"],
-}
 
 
 @dg.asset(partitions_def=region_partitions, group_name="stac", kinds={"stac", "geoparquet"})
@@ -40,8 +34,9 @@ def stac_items(context: dg.AssetExecutionContext, stac: StacCatalog, data_root: 
     except StacSearchError as exc:
         raise dg.Failure(description=f"STAC search failed for region {region.name}: {exc}",
                          metadata={"search": dg.MetadataValue.json(params.describe())}) from exc
-    required = sorted({a for c in params.collections for a in REQUIRED_ASSETS.get(c, [])})
-    ok, rejects = validate_items(items, required)
+    # Each item is checked against its own collection's band profile (gair_dataset.bands): Planetary Computer
+    # (B04, SCL) and Earth Search (red, scl) keys alike, S2 and Landsat items of one region each by their own.
+    ok, rejects = validate_items(items, check_bands=True)
     for r in rejects:
         context.log.warning("item %s skipped: %s", r["item_id"], r["reason"])
     if not ok:
@@ -122,7 +117,7 @@ def items_found(context: dg.AssetCheckExecutionContext, data_root: DataRoot) -> 
         if tokens:
             num_signed += 1
             problems.append(f"item {name}: URL with credential parameters {sorted(tokens)}")
-        _, rejects = validate_items([item], REQUIRED_ASSETS.get(str(item.get("collection")), []))
+        _, rejects = validate_items([item], check_bands=True)
         if rejects:
             num_invalid += 1
             problems.append(f"item {name}: {rejects[0]['reason']}")
@@ -138,8 +133,13 @@ def items_found(context: dg.AssetCheckExecutionContext, data_root: DataRoot) -> 
 def tile_grid(context: dg.AssetExecutionContext, data_root: DataRoot) -> dg.MaterializeResult:
     """Tile footprints (XYZ or UTM pixel grid) covered by items, with their items and spatial split."""
     region = region_of(context)
-    items = gpd.read_parquet(data_root.stage_dir("stac", region.name) / "items.parquet")
-    tiles = build_tiles(items, region.area(), region.grid, region.split)
+    stac_dir = data_root.stage_dir("stac", region.name)
+    items = gpd.read_parquet(stac_dir / "items.parquet")
+    item_dicts = read_items(stac_dir) if region.grid.kind == "item" else None  # each item's own raster grid
+    try:
+        tiles = build_tiles(items, region.area(), region.grid, region.split, item_dicts=item_dicts)
+    except ValueError as exc:  # duplicate item ids, items that cannot carry this grid kind: named in the message
+        raise dg.Failure(f"tile grid of region {region.name}: {exc}") from exc
     if tiles.empty:
         raise dg.Failure(f"no {region.grid.kind} tile of region {region.name} is fully covered by any of the "
                          f"{len(items)} items; check the region, the zoom/tile size and the item footprints")
