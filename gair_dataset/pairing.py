@@ -45,6 +45,8 @@ PAIRS_COLUMNS = ("sv_id", "lon", "lat", "image_uri", "heading", "captured_at", "
 #: Tile columns the pairing reads (the grid check and the offsets); the rest of the tile table is not loaded.
 _TILE_INPUT_COLUMNS = ("tile_id", "grid", "tile_crs", "tile_minx", "tile_miny", "tile_maxx", "tile_maxy",
                        "tile_width", "tile_height", "lon_min", "lat_max", "lon_max", "lat_min", "split")
+#: Degrees added around an item tile's lon/lat bbox for its candidate points (the exact test is in its own CRS).
+ITEM_TILE_MARGIN_DEG = 1e-5
 #: Parquet options of the pairs file: zstd level 1 writes a file as small as the default level 3 here (random
 #: doubles dominate it) for a quarter less CPU.
 _PAIRS_PARQUET = "FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1"
@@ -119,6 +121,29 @@ def grids_table(tiles: pd.DataFrame, margin_deg: float = 0.05) -> pd.DataFrame:
                                        "lat_min", "lon_max", "lat_max"])
 
 
+@dataclass(frozen=True)
+class PreparedPairing:
+    """What :func:`prepare_pairing` found among the tiles.
+
+    Attributes:
+        n_grids: regular grids (an XYZ zoom, or one UTM zone) among the tiles; 0 for item tiles.
+        item_tiles: the tiles are pre-cut tiles (grid ``item``), paired by a spatial join; they may overlap.
+    """
+
+    n_grids: int
+    item_tiles: bool = False
+
+    @property
+    def overlapping(self) -> bool:
+        """Whether a point may lie in more than one tile (several grids, or item tiles): one must be chosen."""
+        return self.item_tiles or self.n_grids > 1
+
+    @property
+    def unpaired_sql(self) -> str:
+        """The SQL of the unpaired list: the join-free one needs a single regular grid."""
+        return "pair_unpaired_one_grid.sql" if self.n_grids == 1 and not self.item_tiles else "pair_unpaired.sql"
+
+
 @dataclass
 class PairingResult:
     """Counts from one pairing run."""
@@ -131,8 +156,12 @@ class PairingResult:
     seconds: float
 
 
-def prepare_pairing(con: duckdb.DuckDBPyConnection, points_path: str | Path, tiles_path: str | Path) -> int:
-    """Load the inputs and define the view ``assigned`` (``sql/pair_points.sql``) on ``con``.
+def prepare_pairing(con: duckdb.DuckDBPyConnection, points_path: str | Path,
+                    tiles_path: str | Path) -> PreparedPairing:
+    """Load the inputs and define the view ``assigned`` on ``con``.
+
+    Regular grids (``xyz``, ``utm``) are paired by grid arithmetic (``sql/pair_points.sql``); pre-cut tiles (grid
+    ``item``) by a spatial join (``sql/pair_item_tiles.sql``). Both views have the same columns.
 
     Args:
         con: a connection from :func:`connect`.
@@ -140,12 +169,24 @@ def prepare_pairing(con: duckdb.DuckDBPyConnection, points_path: str | Path, til
         tiles_path: the tile grid GeoParquet (``docs/DATA_CONTRACT.md``); only ``_TILE_INPUT_COLUMNS`` are read.
 
     Returns:
-        The number of regular grids among the tiles (more than one: a point may lie in tiles of two grids).
+        What kind of tiles were found (how many regular grids; item tiles).
+
+    Raises:
+        ValueError: naming the tiles at fault: tiles off their grid or two on one cell (regular grids), a tile
+            without a CRS or with missing or empty bounds (item tiles), or item tiles mixed with grid tiles.
     """
     con.execute(f"CREATE OR REPLACE TEMP VIEW points AS SELECT file_row_number AS pidx, sv_id, lon, lat, image_uri, "
                 f"heading, captured_at FROM read_parquet('{_q(points_path)}', file_row_number = true)")
     con.execute(f"CREATE OR REPLACE TEMP TABLE tiles AS SELECT {', '.join(_TILE_INPUT_COLUMNS)} "
                 f"FROM read_parquet('{_q(tiles_path)}')")
+    kinds = sorted(str(k) for (k,) in con.execute("SELECT DISTINCT grid FROM tiles").fetchall())
+    if "item" in kinds:
+        if len(kinds) > 1:
+            raise ValueError(f"{tiles_path} mixes tiles of grid 'item' with grid(s) {[k for k in kinds if k != 'item']}"
+                             f"; a tile grid has one kind")
+        _check_item_tiles(con, tiles_path)
+        run_sql(con, "pair_item_tiles.sql", {"margin": ITEM_TILE_MARGIN_DEG})
+        return PreparedPairing(0, item_tiles=True)
     tiles_meta = con.execute("SELECT grid, tile_crs, tile_minx, tile_maxx, lon_min, lat_min, lon_max, lat_max "
                              "FROM tiles").df()
     grids = grids_table(tiles_meta)
@@ -159,13 +200,22 @@ def prepare_pairing(con: duckdb.DuckDBPyConnection, points_path: str | Path, til
         shown = ", ".join(f"{tid} ({'a bound is missing' if dev is None else f'{dev:.2g} tile units'})"
                           for tid, dev in off[:5])
         raise ValueError(f"{len(off)} tile(s) in {tiles_path} do not lie on a regular grid (bounds off their grid "
-                         f"cell by more than {OFF_GRID_TOLERANCE} tile units, or missing): {shown}")
+                         f"cell by more than {OFF_GRID_TOLERANCE} tile units, or missing): {shown}; pre-cut tiles "
+                         f"of their own size and CRS are tile_grid kind 'item'")
     same_cell = con.execute("SELECT list(tile_id ORDER BY tile_id) FROM tile_keys GROUP BY k HAVING count(*) > 1 "
                             "ORDER BY 1").fetchall()
     if same_cell:
         raise ValueError(f"{len(same_cell)} grid cell(s) in {tiles_path} hold more than one tile (a point would be "
                          f"paired twice): {'; '.join(', '.join(ids) for (ids,) in same_cell[:5])}")
-    return len(grids)
+    return PreparedPairing(len(grids))
+
+
+def _check_item_tiles(con: duckdb.DuckDBPyConnection, tiles_path: str | Path) -> None:
+    """Refuse item tiles the spatial join cannot use: no CRS, a missing or empty bound or bbox, no pixel size."""
+    bad = con.execute(_strip_comments(read_sql("pair_item_tiles_check.sql"))).fetchall()
+    if bad:
+        shown = ", ".join(f"{tid} ({why})" for tid, why in bad[:5])
+        raise ValueError(f"{len(bad)} item tile(s) in {tiles_path} cannot be paired: {shown}")
 
 
 def assign_points(points_path: str | Path, tiles_path: str | Path, *,
@@ -179,9 +229,9 @@ def assign_points(points_path: str | Path, tiles_path: str | Path, *,
         The number of paired points.
     """
     con = con or connect()
-    n_grids = prepare_pairing(con, points_path, tiles_path)
+    prepared = prepare_pairing(con, points_path, tiles_path)
     con.execute("CREATE OR REPLACE TEMP TABLE assigned_rows AS SELECT pidx, tidx, x, y FROM assigned")
-    if n_grids > 1:
+    if prepared.overlapping:
         run_sql(con, "pair_one_tile_per_point.sql")
     return int(con.execute("SELECT count(*) FROM assigned_rows").fetchall()[0][0])
 
@@ -215,13 +265,13 @@ def pair_points(points_path: str | Path, tiles_path: str | Path, out_path: str |
         raise ValueError("max_points_per_tile must be >= 1 or None")
     con = con or connect()
     out_path = Path(out_path)
-    n_grids = prepare_pairing(con, points_path, tiles_path)
+    prepared = prepare_pairing(con, points_path, tiles_path)
     n_points = int(con.execute("SELECT count(*) FROM points").fetchall()[0][0])
-    materialise = n_grids > 1 or max_points_per_tile is not None
+    materialise = prepared.overlapping or max_points_per_tile is not None
     source = "assigned_rows" if materialise else "assigned"  # what the unpaired list and the pairs read
     if materialise:
         con.execute("CREATE OR REPLACE TEMP TABLE assigned_rows AS SELECT * FROM assigned")
-        if n_grids > 1:
+        if prepared.overlapping:
             run_sql(con, "pair_one_tile_per_point.sql")
     con.execute(f"CREATE OR REPLACE TEMP VIEW pairs_source AS SELECT * FROM {source}")  # read by both outputs
     pending: list[tuple[Path, Path]] = []  # (tmp, final), renamed in this order once all are complete
@@ -231,8 +281,7 @@ def pair_points(points_path: str | Path, tiles_path: str | Path, out_path: str |
             unpaired_path = Path(unpaired_path)
             pending.append((_tmp_path(unpaired_path), unpaired_path))
             # One grid: a point has one cell at most, and its unpaired test needs no join the size of the points.
-            unpaired_sql = "pair_unpaired_one_grid.sql" if n_grids == 1 else "pair_unpaired.sql"
-            con.execute(f"COPY ({_strip_comments(read_sql(unpaired_sql))}) TO '{_q(pending[-1][0])}' "
+            con.execute(f"COPY ({_strip_comments(read_sql(prepared.unpaired_sql))}) TO '{_q(pending[-1][0])}' "
                         f"(FORMAT parquet)")
         one_per_point = None
         if materialise:
@@ -252,7 +301,7 @@ def pair_points(points_path: str | Path, tiles_path: str | Path, out_path: str |
             tmp.unlink(missing_ok=True)
     for name in ("pairs_source", "assigned", "point_cells"):
         con.execute(f"DROP VIEW IF EXISTS {name}")
-    for name in ("assigned_rows", "tile_keys"):
+    for name in ("assigned_rows", "tile_keys", "grids"):
         con.execute(f"DROP TABLE IF EXISTS {name}")
     if one_per_point is None:  # one grid: a point is in at most one tile
         one_per_point = paired

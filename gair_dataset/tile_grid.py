@@ -1,19 +1,25 @@
-"""Tile footprints for a region: Web-Mercator XYZ tiles or N x N pixel tiles in each item's UTM grid.
+"""Tile footprints for a region: Web-Mercator XYZ tiles, N x N pixel tiles in each item's UTM grid, or pre-cut tiles.
 
-A tile is kept when at least one item's footprint covers it entirely; its items are ordered least cloud
-first (then newest), and up to ``items_per_tile`` are kept so several dates per tile are possible.
-Tiles are grouped into square blocks for the spatial train/val/test split.
+``xyz`` / ``utm``: a tile is kept when at least one item's footprint covers it entirely; its items are ordered
+least cloud first (then newest), and up to ``items_per_tile`` are kept so several dates per tile are possible.
+``item``: every item is its own tile, at its own size and CRS (a user's pre-cut GeoTIFF tiles;
+``gair_dataset.item_tiles``). Tiles are grouped into square blocks for the spatial train/val/test split.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
 import pandas as pd
 import shapely
+from pyproj import CRS
+from pyproj.exceptions import CRSError
 from shapely import STRtree
 from shapely.geometry import box
 
@@ -26,6 +32,10 @@ from gair_dataset.geo import (
     xyz_tile_merc_bounds,
     xyz_tile_of,
 )
+from gair_dataset.item_tiles import item_tile_rows
+
+#: Tile grid kinds (``tile_grid.kind`` of a region).
+GRID_KINDS = ("xyz", "utm", "item")
 
 TILE_COLUMNS = ["tile_id", "grid", "tile_crs", "tile_minx", "tile_miny", "tile_maxx", "tile_maxy", "tile_width",
                 "tile_height", "lon_min", "lat_max", "lon_max", "lat_min", "item_ids", "n_items", "collection",
@@ -37,12 +47,13 @@ class GridConfig:
     """How tiles are cut.
 
     Attributes:
-        kind: ``"xyz"`` (Web-Mercator tiles, the paper uses zoom 14, ~2 km) or ``"utm"`` (N x N pixels in
-            the item's UTM grid).
+        kind: ``"xyz"`` (Web-Mercator tiles, the paper uses zoom 14, ~2 km), ``"utm"`` (N x N pixels in
+            the item's UTM grid) or ``"item"`` (each item is its own tile: pre-cut tiles, one raster per item,
+            at the raster's own size and CRS; ``zoom``, ``tile_px`` and ``resolution`` do not apply).
         zoom: XYZ zoom level.
         tile_px: pixels per tile side (XYZ: the tile's own pixel grid; UTM: N).
         resolution: UTM pixel size in metres.
-        items_per_tile: how many items (dates) to keep per tile, least cloud first.
+        items_per_tile: how many items (dates) to keep per tile, least cloud first (``item``: always one).
     """
 
     kind: str = "xyz"
@@ -52,12 +63,17 @@ class GridConfig:
     items_per_tile: int = 3
 
     def __post_init__(self) -> None:
-        if self.kind not in ("xyz", "utm"):
-            raise ValueError(f"tile grid kind must be 'xyz' or 'utm', got {self.kind!r}")
+        if self.kind not in GRID_KINDS:
+            raise ValueError(f"tile grid kind must be one of {', '.join(GRID_KINDS)}, got {self.kind!r}")
         if not 0 <= self.zoom <= 22:
             raise ValueError(f"zoom must be within 0..22, got {self.zoom}")
         if self.tile_px < 1 or self.resolution <= 0 or self.items_per_tile < 1:
             raise ValueError("tile_px, resolution and items_per_tile must be positive")
+
+    @property
+    def chip_px(self) -> int | None:
+        """Side of the RS chip the shards read: ``tile_px``, or None (the tile's own size) for ``item`` tiles."""
+        return None if self.kind == "item" else self.tile_px
 
 
 @dataclass(frozen=True)
@@ -96,8 +112,48 @@ def _assign_items(tile_polys: list, items: gpd.GeoDataFrame, per_tile: int) -> l
     return out
 
 
-def build_tiles(items: gpd.GeoDataFrame, region, grid: GridConfig, split: SplitConfig) -> gpd.GeoDataFrame:
-    """Cut the region into tiles covered by at least one item.
+def check_unique_item_ids(items: pd.DataFrame) -> None:
+    """Refuse an items table that holds one item id twice (a catalog listing an item twice, or two files of one name).
+
+    Raises:
+        ValueError: naming the duplicated ids and how often each appears.
+    """
+    counts = items["item_id"].value_counts()
+    dups = counts[counts > 1]
+    if len(dups):
+        shown = ", ".join(f"{k!r} ({int(v)}x)" for k, v in dups.sort_index().head(10).items())
+        raise ValueError(f"{len(dups)} item id(s) appear more than once among the {len(items)} items: {shown}; "
+                         f"an item id must be unique (remove or rename the duplicates in the catalog)")
+
+
+@functools.lru_cache(maxsize=128)
+def crs_is_utm(epsg: int) -> bool:
+    """Whether an EPSG code is a projected UTM CRS (any datum: WGS 84 326xx/327xx, NAD83 269xx, ETRS89 258xx...)."""
+    try:
+        return CRS.from_epsg(epsg).utm_zone is not None
+    except CRSError:
+        return False
+
+
+def check_utm_items(items: pd.DataFrame) -> None:
+    """Refuse items that are not in a UTM CRS for a ``utm`` grid (its tiles are cut in each item's UTM zone).
+
+    Raises:
+        ValueError: naming the items and their CRS, and what to use instead.
+    """
+    epsg = pd.to_numeric(items["epsg"], errors="coerce")
+    bad = items[[not (pd.notna(e) and crs_is_utm(int(e))) for e in epsg]]
+    if len(bad):
+        shown = ", ".join(f"{r.item_id} (EPSG:{int(e)})" if pd.notna(e) else f"{r.item_id} (no EPSG)"
+                          for r, e in zip(bad.head(5).itertuples(), epsg[bad.index][:5], strict=False))
+        raise ValueError(f"tile_grid kind 'utm' cuts tiles in each item's UTM zone, but {len(bad)} of {len(items)} "
+                         f"items are not in a UTM CRS: {shown}. For pre-cut tiles (one raster per tile, any CRS) "
+                         f"use tile_grid: {{kind: item}}; for Web-Mercator tiles use kind: xyz")
+
+
+def build_tiles(items: gpd.GeoDataFrame, region, grid: GridConfig, split: SplitConfig, *,
+                item_dicts: Sequence[Mapping[str, Any]] | None = None) -> gpd.GeoDataFrame:
+    """Cut the region into tiles covered by at least one item (``item``: one tile per item).
 
     Args:
         items: the items table (``items_to_geodataframe``).
@@ -105,16 +161,29 @@ def build_tiles(items: gpd.GeoDataFrame, region, grid: GridConfig, split: SplitC
             tiles that intersect it are kept.
         grid: how tiles are cut.
         split: the spatial split.
+        item_dicts: the items' STAC JSON (``items.json``); required by ``kind: item`` (each tile is its item's
+            raster grid, from the projection fields), not read otherwise.
 
     Returns:
         A GeoDataFrame with the columns of ``TILE_COLUMNS`` (tile polygons in EPSG:4326), sorted by tile_id.
+
+    Raises:
+        ValueError: an item id appears twice; a ``utm`` grid over items not in a UTM CRS; a ``kind: item`` grid
+            without ``item_dicts`` or over an item without a usable raster grid.
     """
     region = region if isinstance(region, shapely.Geometry) else box(*check_bbox(region))
     west, south, east, north = region.bounds
     rows: list[dict] = []
     if items.empty:
         return gpd.GeoDataFrame(columns=TILE_COLUMNS, geometry="geometry", crs="EPSG:4326")
-    if grid.kind == "xyz":
+    check_unique_item_ids(items)
+    if grid.kind == "item":
+        if item_dicts is None:
+            raise ValueError("tile_grid kind 'item' needs the items' STAC JSON (items.json) for their raster grids: "
+                             "pass item_dicts")
+        rows = [{**r, "split": split.split_of(r["block_id"])}
+                for r in item_tile_rows(items, {str(d.get("id")): d for d in item_dicts}, region, split.block_tiles)]
+    elif grid.kind == "xyz":
         (tx0, tx1), (ty1, ty0) = (xyz_tile_of(np.array([west, east]), np.array([north, south]), grid.zoom))
         cands = [(tx, ty) for tx in range(int(tx0), int(tx1) + 1) for ty in range(int(ty1), int(ty0) + 1)]
         polys = [box(*xyz_tile_lonlat_bounds(tx, ty, grid.zoom)) for tx, ty in cands]
@@ -132,6 +201,7 @@ def build_tiles(items: gpd.GeoDataFrame, region, grid: GridConfig, split: SplitC
                              xyz_tile_merc_bounds(tx, ty, grid.zoom), grid.tile_px, (lon0, lat0, lon1, lat1), ids,
                              f"z{grid.zoom}-b{split.block_tiles}-{bx}-{by}", split, items, poly))
     else:
+        check_utm_items(items)
         for epsg, group in items.groupby("epsg"):
             ug = UtmGrid(int(epsg), grid.tile_px, grid.resolution)
             region_utm = reproject(region.segmentize(0.01), 4326, int(epsg))

@@ -1,14 +1,16 @@
-"""STAC catalog resources: a live STAC API, a local catalog, and the catalog one setting names.
+"""STAC catalog resources: a live STAC API, a local catalog, a folder of GeoTIFFs, and the catalog one setting names.
 
 The code location's ``stac`` is a :class:`ConfiguredStacCatalog` bound to ``$GAIR_STAC_CATALOG`` (``dg.EnvVar``).
 """
 
 
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 import dagster as dg
 from pydantic import Field
 
+from gair_dataset.local_tiles import FolderCatalog, search_folder
 from gair_dataset.stac_catalog import PLANETARY_COMPUTER_URL, SearchParams, search_live, search_local
 from pipelines.common.storage import DataRoot
 
@@ -54,6 +56,61 @@ class LocalStacCatalog(StacCatalog):
         return f"local catalog {self.path or '(embedded SYNTHETIC sample)'}"
 
 
+class FolderStacCatalog(StacCatalog):
+    """A folder of GeoTIFFs (e.g. a user's pre-cut tiles) searched as a catalog: one STAC item per file.
+
+    Items are made on each search with rio-stac (``gair_dataset.local_tiles``): projection fields, ``eo:bands``
+    and ``raster:bands`` from the file. ``GAIR_STAC_CATALOG=folder:/path/to/tiles`` selects it, with optional
+    settings as a query string: ``folder:/path?collection=sentinel-2-l2a&datetime=2023-06-01&bands=B01,B02,...``.
+    """
+
+    path: str = Field(description="the folder of GeoTIFFs (searched recursively)")
+    collection: str = Field(default="", description="collection id of every item; empty = the region's single "
+                            "collection")
+    datetime: str = Field(default="", description="ISO date/time of every file; empty = from each file's name "
+                          "(YYYYMMDD, YYYY-MM-DD) or its TIFFTAG_DATETIME tag")
+    bands: str = Field(default="", description="comma-separated band names of every file, in band order; empty = "
+                       "the band descriptions when they are band names, else the collection's bands by count")
+    asset: str = Field(default="", description="asset key of the file; empty = 'image' for naip, else 'data'")
+
+    def settings(self) -> FolderCatalog:
+        """The folder catalog these fields describe."""
+        bands = tuple(b.strip() for b in self.bands.split(",") if b.strip()) or None
+        return FolderCatalog(Path(self.path), collection=self.collection or None, datetime=self.datetime or None,
+                             bands=bands, asset=self.asset or None)
+
+    def search(self, params: SearchParams, data_root: DataRoot | None = None) -> list[dict]:
+        """Make the folder's items and keep those matching the search (``data_root`` is not used)."""
+        return search_folder(self.settings(), params)
+
+    def describe(self) -> str:
+        """What is searched."""
+        extra = ", ".join(f"{k}={v}" for k, v in (("collection", self.collection), ("datetime", self.datetime),
+                                                   ("bands", self.bands), ("asset", self.asset)) if v)
+        return f"GeoTIFF folder {self.path}" + (f" ({extra})" if extra else "")
+
+
+#: Prefix of a ``GAIR_STAC_CATALOG`` value naming a folder of GeoTIFFs.
+FOLDER_PREFIX = "folder:"
+_FOLDER_KEYS = ("collection", "datetime", "bands", "asset")
+
+
+def folder_catalog(choice: str) -> FolderStacCatalog:
+    """The folder catalog of ``folder:/path[?collection=...&datetime=...&bands=B01,B02&asset=...]``.
+
+    Raises:
+        ValueError: an unknown setting or an empty path, naming it.
+    """
+    path, _, query = choice[len(FOLDER_PREFIX):].partition("?")
+    if not path.strip():
+        raise ValueError(f"GAIR_STAC_CATALOG {choice!r}: give the folder, e.g. folder:/data/tiles")
+    settings = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(settings) - set(_FOLDER_KEYS))
+    if unknown:
+        raise ValueError(f"GAIR_STAC_CATALOG {choice!r}: unknown setting(s) {unknown}; known: {list(_FOLDER_KEYS)}")
+    return FolderStacCatalog(path=str(Path(path.strip()).expanduser()), **settings)
+
+
 class LiveStacCatalog(StacCatalog):
     """A STAC API through pystac-client, with retries/backoff on 429 and 5xx, timeouts and paging.
 
@@ -91,12 +148,15 @@ def is_planetary_computer(choice: str) -> bool:
 def catalog_for(choice: str) -> StacCatalog:
     """The catalog a ``GAIR_STAC_CATALOG`` setting names.
 
-    ``local`` (or empty: the embedded sample), ``planetary-computer``, an ``http(s)://`` STAC API root, or a
-    path to a local catalog.
+    ``local`` (or empty: the embedded sample), ``planetary-computer``, an ``http(s)://`` STAC API root,
+    ``folder:/path[?collection=..&datetime=..&bands=..&asset=..]`` (a folder of GeoTIFFs, one item per file:
+    :class:`FolderStacCatalog`), or a path to a local catalog.
     """
     choice = choice.strip()
     if choice in ("", "local", "sample"):
         return LocalStacCatalog()
+    if choice.startswith(FOLDER_PREFIX):
+        return folder_catalog(choice)
     if choice == "planetary-computer":
         return LiveStacCatalog()
     if choice.startswith(("http://", "https://")):
@@ -112,7 +172,8 @@ class ConfiguredStacCatalog(StacCatalog):
     """
 
     catalog: str = Field(default="local", description="local | planetary-computer | an http(s):// STAC API root "
-                         "| a path to a local catalog, item collection, .ndjson or stac-geoparquet file")
+                         "| folder:/path/to/geotiffs[?collection=..&datetime=..&bands=..] | a path to a local "
+                         "catalog, item collection, .ndjson or stac-geoparquet file")
 
     def resolved(self) -> StacCatalog:
         """The catalog the setting names."""
