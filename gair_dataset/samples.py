@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
+import pandas as pd
 
 from gair_dataset.chips import ChipReader, ChipResult, TileSpec
 from gair_dataset.shards import ShardSetInfo, ShardWriteError, ShardWriter, sample_key
@@ -78,6 +79,10 @@ def build_sample_json(pair: Mapping[str, Any], item: Mapping[str, Any] | None, s
             is date 0's item). Written as ``dates`` only when there are two or more: a single-date
             sample's JSON is unchanged.
 
+    The street-view provenance columns of the points table (``source, license, attribution, source_url``), when
+    the pair carries them non-null, become ``sv_source, sv_license, sv_attribution, sv_source_url``; a pair from a
+    file source has none, so its JSON is unchanged.
+
     Returns:
         The JSON-ready dict.
     """
@@ -117,6 +122,10 @@ def build_sample_json(pair: Mapping[str, Any], item: Mapping[str, Any] | None, s
     }
     if dates is not None and len(dates) >= 2:
         meta["dates"] = [dict(d) for d in dates]
+    for key in ("source", "license", "attribution", "source_url"):  # SV provenance (API sources), when known
+        value = pair.get(key)
+        if value is not None and not pd.isna(value):  # None, NaN and pd.NA (nullable string columns) are unknown
+            meta[f"sv_{key}"] = str(value)
     if extra:
         meta.update(extra)
     return meta

@@ -112,6 +112,14 @@ def _open_validated(data: bytes) -> tuple[Image.Image | None, str | None]:
     return img, None
 
 
+def image_problem(data: bytes) -> str | None:
+    """Why ``data`` is not a usable image (empty, not an image, corrupt, too large), or None when it decodes."""
+    img, reason = _open_validated(data)
+    if img is not None:
+        img.close()
+    return reason
+
+
 def is_equirectangular(img: Image.Image, *, aspect_tol: float = 0.01) -> bool:
     """Whether an image is a full 360 equirectangular panorama.
 

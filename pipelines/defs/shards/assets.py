@@ -15,6 +15,7 @@ from gair_dataset.contract import KEY_PATTERN, MANIFEST_NAME, MEMBER_SUFFIXES, d
 from gair_dataset.samples import DEFAULT_INTERLEAVE_TILES, build_shards_from_pairs, iter_items
 from gair_dataset.shards import iter_raw_samples, read_shards_json
 from gair_dataset.stac_catalog import read_items
+from gair_dataset.streetview_points import with_provenance
 from pipelines.common.plots import figure_md, plt
 from pipelines.common.storage import DataRoot
 from pipelines.defs.pairing.assets import pairs
@@ -47,6 +48,8 @@ def shards(context: dg.AssetExecutionContext, config: ShardsConfig, raster_acces
     """Training-ready WebDataset shards (rs.npy, sv.jpg, json per sample) + manifest, for one region."""
     region = region_of(context)
     pairs_df = pd.read_parquet(data_root.stage_dir("pairs", region.name) / "pairs.parquet")
+    # Licence/attribution of API street-view points stay in points.parquet (slim pairs): joined here by sv_id.
+    pairs_df = with_provenance(pairs_df, data_root.stage_dir("streetview", region.name) / "points.parquet")
     # The pairs table is slim: each pair's tile attributes (window, CRS, bbox, item_ids...) come from the tiles.
     tiles_df = pd.read_parquet(data_root.stage_dir("tiles", region.name) / "tiles.parquet")
     items = iter_items(read_items(data_root.stage_dir("stac", region.name)))
@@ -56,7 +59,7 @@ def shards(context: dg.AssetExecutionContext, config: ShardsConfig, raster_acces
                      pairs_df["tile_id"].nunique(), out)
     report = build_shards_from_pairs(
         pairs_df, items, out, tiles=tiles_df, name=region.name, samples_per_shard=config.samples_per_shard,
-        out_size=region.grid.tile_px, signer=raster_access.signer(), gdal_env=raster_access.gdal_env(),
+        out_size=region.grid.chip_px, signer=raster_access.signer(), gdal_env=raster_access.gdal_env(),
         max_nodata_fraction=config.max_nodata_fraction, max_cloud_fraction=config.max_cloud_fraction,
         sv_max_side=config.sv_max_side, synthetic=synthetic, chip_workers=config.chip_workers,
         max_dates=config.max_dates or region.grid.items_per_tile, interleave_tiles=config.interleave_tiles)
