@@ -20,6 +20,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from gair_dataset.atomic import publish, temp_path
 from gair_dataset.geo import MERC_HALF
 
 log = logging.getLogger(__name__)
@@ -295,7 +296,7 @@ def pair_points(points_path: str | Path, tiles_path: str | Path, out_path: str |
         n_tiles = int(con.execute(f"SELECT count(DISTINCT tile_id) FROM read_parquet('{_q(tmp_pairs)}')")
                       .fetchall()[0][0])
         for tmp, final in pending:
-            os.replace(tmp, final)
+            publish(tmp, final)
     finally:
         for tmp, _ in pending:
             tmp.unlink(missing_ok=True)
@@ -311,7 +312,7 @@ def pair_points(points_path: str | Path, tiles_path: str | Path, out_path: str |
 
 def _tmp_path(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return temp_path(path)  # unique per process and call: two runs never share it
 
 
 def run_sql(con: duckdb.DuckDBPyConnection, name: str, params: dict | None = None) -> None:

@@ -9,9 +9,11 @@ One sample per (SV image, RS tile) pair, see DESIGN.md section 3:
   ``<key>.sv.jpg`` (JPEG bytes) and ``<key>.json`` (metadata, see :func:`build_sample_json`);
 * shards ``<name>-%06d.tar`` with fixed tar metadata (mtime, uid, gid, names, mode), so the
   same inputs in the same order give byte-identical shards;
-* every shard is written into ``<out_dir>/.staging/`` and ``os.replace``-d into place when
-  complete, so readers never see a partial shard; a crashed run leaves only the staging folder,
-  which the next run clears;
+* every shard is written into a staging folder of its own run,
+  ``<out_dir>/.staging-<host>-<pid>-<random>/``, and ``os.replace``-d into place when complete, so
+  readers never see a partial shard; a failed run removes its staging folder, a killed run leaves
+  it behind, and a later run on the same host removes it once its process is gone (a live run's
+  staging folder is never touched);
 * ``manifest.parquet`` (one row per sample, in write order) and ``shards.json`` (per-shard counts,
   bytes, sha256, and the batch diversity of the write order, see :func:`distinct_tiles_per_batch`)
   are written last, atomically; their presence marks a complete shard set.
@@ -32,10 +34,12 @@ import logging
 import math
 import os
 import queue
+import re
 import shutil
+import socket
 import tarfile
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from gair_dataset import contract
+from gair_dataset.atomic import atomic_path, atomic_write_text, publish, unique_suffix
 from gair_dataset.contract import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -54,6 +59,7 @@ from gair_dataset.contract import (
 log = logging.getLogger(__name__)
 
 STAGING_DIRNAME = ".staging"
+"""Prefix of a writer's staging folder: ``<STAGING_DIRNAME>-<host>-<pid>-<random>`` (see :func:`staging_dirname`)."""
 
 TAR_MTIME = 946_684_800
 """Fixed member mtime (2000-01-01T00:00:00Z) so re-runs give byte-identical shards."""
@@ -268,12 +274,56 @@ def _manifest_row(key: str, shard: str, index: int, rs_shape: Sequence[int], sv_
     return row
 
 
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:64] or "host"
+
+
+def staging_dirname() -> str:
+    """A staging folder name unique to this writer: ``.staging-<host>-<pid>-<random>``."""
+    return f"{STAGING_DIRNAME}-{_host_tag()}-{unique_suffix()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_staging(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Remove the staging folders of ``out_dir`` whose writer is gone; returns what was removed.
+
+    A folder is stale when it names this host and a process that no longer exists (a killed writer), or is the
+    unversioned ``.staging`` of older writers. A live writer's folder, or one of another host (whose processes
+    cannot be checked from here), is left alone.
+    """
+    removed = []
+    host = _host_tag()
+    for d in Path(out_dir).glob(f"{STAGING_DIRNAME}*"):
+        if not d.is_dir():
+            continue
+        stale = d.name == STAGING_DIRNAME
+        parts = d.name.rsplit("-", 3)  # .staging, host (no '-'), pid, random
+        if len(parts) == 4 and parts[0] == STAGING_DIRNAME and parts[1] == host and parts[2].isdigit():
+            stale = not _pid_alive(int(parts[2]))
+        if stale:
+            log.info("removing stale staging folder %s (interrupted run)", d)
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
 class ShardWriter:
     """Stream samples into deterministic, atomically published ``<name>-%06d.tar`` shards.
 
     Use as a context manager; :meth:`close` (called on a clean exit) publishes the last shard
-    and writes the manifest. On an exception the current shard stays in the staging folder and
-    no manifest is written.
+    and writes the manifest. On an exception (:meth:`abort`) the current shard is dropped with this
+    writer's staging folder and no manifest is written. Each writer stages in a folder of its own, so
+    two writers never share a temporary file; two writing the same ``out_dir`` at once still replace
+    each other's shards (the pipelines serialise them with the region lock).
 
     Example:
         >>> with ShardWriter(out_dir, name="train", samples_per_shard=500) as w:  # doctest: +SKIP
@@ -283,7 +333,9 @@ class ShardWriter:
 
     def __init__(self, out_dir: str | os.PathLike[str], *, name: str = "shard",
                  samples_per_shard: int = 1000, fsync: bool = True, manifest: bool = True) -> None:
-        """Prepare ``out_dir``: clear a stale staging folder and any previous manifest.
+        """Prepare ``out_dir``: a staging folder of this writer's own, no previous manifest.
+
+        Staging folders left by killed writers of this host are removed; another live writer's never is.
 
         Args:
             out_dir: Output folder (created if needed).
@@ -299,7 +351,7 @@ class ShardWriter:
         self.samples_per_shard = int(samples_per_shard)
         self.fsync = fsync
         self.write_manifest = manifest
-        self.staging = self.out_dir / STAGING_DIRNAME
+        self.staging = self.out_dir / staging_dirname()
         self.info = ShardSetInfo(out_dir=str(self.out_dir), name=self.name)
         self._rows: list[dict[str, Any]] = []
         self._index = 0
@@ -313,9 +365,7 @@ class ShardWriter:
         self._closed = False
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if self.staging.exists():
-            log.info("removing stale staging folder %s (interrupted run)", self.staging)
-            shutil.rmtree(self.staging)
+        remove_stale_staging(self.out_dir)
         self.staging.mkdir()
         # An old manifest would describe shards we are about to replace: drop it first so that
         # "manifest present" keeps meaning "shard set complete".
@@ -360,7 +410,7 @@ class ShardWriter:
         self._fh.close()
         fname = shard_name(self.name, self._index)
         final = self.out_dir / fname
-        os.replace(self.staging / fname, final)
+        publish(self.staging / fname, final)
         self.info.shards.append(ShardInfo(
             path=str(final), n_samples=self._n_in_shard, bytes=self._offset,
             sha256=self._sha.hexdigest(), first_key=self._first_key, last_key=self._last_key or "",
@@ -425,16 +475,17 @@ class ShardWriter:
             self._rows.append(_manifest_row(key, shard, index, shape, len(sv_jpeg), meta))
 
     def abort(self) -> None:
-        """Stop without publishing the current shard or writing a manifest."""
+        """Stop without publishing the current shard or writing a manifest; remove this writer's staging folder."""
         if self._fh is not None:
             try:
-                self._fh.close()  # the partial shard stays in staging, never published
+                self._fh.close()  # the partial shard is never published
             except OSError:
                 pass
             if self._sha is not None:
                 self._sha.hexdigest()  # stop the hashing thread
             self._fh = self._sha = None
         self._closed = True
+        shutil.rmtree(self.staging, ignore_errors=True)
 
     def close(self) -> ShardSetInfo:
         """Publish the last shard, remove stale shards of this name, write the manifest.
@@ -475,9 +526,7 @@ class ShardWriter:
         manifest = self.out_dir / MANIFEST_NAME
         write_manifest_parquet(self._rows, manifest)
         shards_json = self.out_dir / SHARDS_JSON_NAME
-        tmp = shards_json.with_name(shards_json.name + ".tmp")
-        tmp.write_text(json.dumps(shards_doc, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, shards_json)
+        atomic_write_text(shards_json, json.dumps(shards_doc, indent=2, sort_keys=True) + "\n")
         self.info.manifest_path = str(manifest)
         self.info.shards_json_path = str(shards_json)
 
@@ -545,7 +594,8 @@ def write_manifest_parquet(rows: Sequence[Mapping[str, Any]], path: str | os.Pat
 
     Args:
         rows: One mapping per sample (see the ``ShardWriter`` manifest columns).
-        path: Destination ``.parquet`` path; written to ``<path>.tmp`` then ``os.replace``-d.
+        path: Destination ``.parquet`` path; written to a unique temporary sibling, then renamed
+            (:func:`gair_dataset.atomic.atomic_path`).
     """
     import geopandas as gpd
     import pandas as pd
@@ -557,9 +607,8 @@ def write_manifest_parquet(rows: Sequence[Mapping[str, Any]], path: str | os.Pat
     lon = pd.to_numeric(df["lon"], errors="coerce")
     lat = pd.to_numeric(df["lat"], errors="coerce")
     gdf = gpd.GeoDataFrame(df, geometry=gpd.points_from_xy(lon, lat), crs="EPSG:4326")
-    tmp = path.with_name(path.name + ".tmp")
-    gdf.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        gdf.to_parquet(tmp, index=False)
 
 
 def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike[str], *, name: str = "shard",
@@ -609,19 +658,35 @@ def list_shards(out_dir: str | os.PathLike[str]) -> list[str]:
     return [str(Path(out_dir) / s["path"]) for s in doc["shards"]]
 
 
-def iter_raw_samples(shard: str | os.PathLike[str], limit: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_raw_samples(shard: str | os.PathLike[str], limit: int | None = None, *,
+                     on_bad_member: Callable[[str], None] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {suffix: bytes})`` per sample of one shard, undecoded (for checks and previews).
+
+    Members are read in memory only (never extracted to disk), and only regular files named ``<key>.<suffix>``
+    (:func:`gair_dataset.contract.check_tar_member`): an absolute path, a ``..`` component, a folder, a link
+    (hard or symbolic), a device or a name off the key pattern is refused before its bytes are read.
 
     Args:
         shard: Path of a ``.tar`` shard.
         limit: Stop after this many samples (None: all).
+        on_bad_member: Called with a message for each refused member, which is then skipped; None (default):
+            the first refused member raises.
+
+    Raises:
+        contract.UnsafeMemberError: For a refused member when ``on_bad_member`` is None.
     """
     with tarfile.open(shard) as tar:
         current: str | None = None
         members: dict[str, bytes] = {}
         n = 0
         for m in tar:
-            key, _, suffix = m.name.partition(".")
+            try:
+                key, suffix = contract.check_tar_member(m)
+            except contract.UnsafeMemberError as exc:
+                if on_bad_member is None:
+                    raise
+                on_bad_member(str(exc))
+                continue
             if current is not None and key != current:
                 yield current, members
                 n += 1

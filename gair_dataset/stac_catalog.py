@@ -22,6 +22,7 @@ import geopandas as gpd
 import shapely
 from shapely.geometry import box, shape
 
+from gair_dataset.atomic import atomic_path
 from gair_dataset.bands import processing_baseline
 from gair_dataset.geo import check_bbox
 from gair_dataset.signing import TOKEN_PARAMS
@@ -411,11 +412,9 @@ def write_items(items: list[dict], out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     fc = {"type": "FeatureCollection", "features": [unsign_item(it) for it in items]}
     json_path, pq_path = out_dir / "items.json", out_dir / "items.parquet"
-    tmp_json, tmp_pq = out_dir / ".items.json.tmp", out_dir / ".items.parquet.tmp"
-    tmp_json.write_text(json.dumps(fc))
-    items_to_geodataframe(items).to_parquet(tmp_pq, index=False)
-    tmp_json.replace(json_path)
-    tmp_pq.replace(pq_path)
+    with atomic_path(json_path) as tmp_json, atomic_path(pq_path) as tmp_pq:  # both complete, then both renamed
+        tmp_json.write_text(json.dumps(fc))
+        items_to_geodataframe(items).to_parquet(tmp_pq, index=False)
     return json_path, pq_path
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from gair_dataset.atomic import atomic_write_text
 from gair_model.losses import CoordinateQueue
 from gair_model.models.gair import GAIRModel
 from gair_model.optim import build_optimizer
@@ -245,11 +246,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     text = json.dumps(result, indent=2)
     if a.out:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out)
+        atomic_write_text(Path(a.out), text)
     print(text)
     return result
 

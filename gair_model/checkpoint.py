@@ -14,10 +14,8 @@ containers and is read back with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -27,47 +25,20 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from gair_dataset import atomic
+
 LATEST = "latest.json"
 _STEP_RE = re.compile(r"^step_(\d{8})\.safetensors$")
 
 
 def atomic_write(path: str | Path, writer: Callable[[str], None]) -> Path:
-    """Write a file atomically: ``writer(tmp_path)`` then ``os.replace(tmp_path, path)``.
-
-    Args:
-        path: Final path.
-        writer: Callable writing the content to the temporary path it receives.
-
-    Returns:
-        The final path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600: give the file the permissions a plain open() would
-    try:
-        writer(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write a file atomically and durably: :func:`gair_dataset.atomic.atomic_write` with ``fsync=True``."""
+    return atomic.atomic_write(path, writer, fsync=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Atomically write a text file."""
-
-    def _w(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-
-    return atomic_write(path, _w)
+    """Atomically (and durably) write a text file."""
+    return atomic.atomic_write_text(path, text, fsync=True)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from gair_model.checkpoint import atomic_write
+from gair_dataset.atomic import atomic_write
 from gair_model.eval.loading import LoadedModel, embed_batch, iter_eval_batches, load_trained
 
 logger = logging.getLogger("gair_model.embed")

@@ -7,11 +7,11 @@ is ``<dir>/<sv_id>.jpg``, written atomically and only after it decoded as an ima
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import requests
 
+from gair_dataset.atomic import atomic_write_bytes
 from gair_dataset.sv_sources.http import ApiError, get
 from gair_dataset.svimage import image_problem
 
@@ -58,8 +58,6 @@ class ImageCache:
         problem = image_problem(data)
         if problem:
             raise ApiError(f"{what}: downloaded image unusable ({problem})")
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        tmp.replace(dest)
+        atomic_write_bytes(dest, data)
         self.downloads += 1
         return dest

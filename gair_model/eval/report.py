@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-from gair_model.checkpoint import atomic_write, atomic_write_text
+from gair_dataset.atomic import atomic_write, atomic_write_text
 
 #: Metrics reported per task type, the first one is the headline.
 METRICS = {"regression": ("r2", "mae"), "classification": ("accuracy", "macro_f1")}

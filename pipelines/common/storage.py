@@ -5,13 +5,16 @@ read the embedded sample (``sample://``, the local sample catalog) from it, so m
 """
 
 
+import contextlib
 import json
-import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
+from gair_dataset.atomic import atomic_write_json, file_lock
 from gair_dataset.sample_region import ensure_sample
 from pipelines.config import data_root
 
@@ -48,10 +51,29 @@ class DataRoot(dg.ConfigurableResource):
     def write_stats(self, stage: str, region: str, stats: dict) -> Path:
         """Write a stage's per-region counts (read back by the run summary), atomically."""
         out = self.stage_dir(stage, region) / "stats.json"
-        tmp = out.with_name(f".stats.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(stats, indent=1, default=str))
-        tmp.replace(out)
-        return out
+        return atomic_write_json(out, stats, indent=1, default=str)
+
+    def lock_path(self, region: str) -> Path:
+        """``<root>/.locks/<region>.lock``: the lock file of a region partition."""
+        return self.path / ".locks" / f"{region}.lock"
+
+    @contextlib.contextmanager
+    def region_lock(self, region: str, *, shared: bool = False,
+                    log: dg.DagsterLogManager | None = None) -> Iterator[None]:
+        """Hold the region partition's lock: exclusive while a region asset writes, shared while a check reads.
+
+        Two runs of one region (a schedule tick and a manual launch, a retry of a run still running, ...) then
+        never write the same stage at once, and a check never reads a stage half rewritten by another run; the
+        other run waits. An ``fcntl.flock`` on a file under the data root: it needs no Dagster instance settings,
+        holds across processes of one machine (and on NFS v4 / most cluster filesystems), and a run that dies
+        releases it.
+        """
+        t0 = time.monotonic()
+        with file_lock(self.lock_path(region), shared=shared):
+            waited = time.monotonic() - t0
+            if log is not None and waited > 1.0:
+                log.info(f"waited {waited:.1f}s for region {region}'s lock (another run was writing it)")
+            yield
 
     def read_stats(self, stage: str, region: str) -> dict | None:
         """A stage's counts for a region, or None when the stage has not run there."""

@@ -74,7 +74,7 @@ def test_byte_identical_reruns_and_layout(tmp_path: Path) -> None:
     assert [s["n_samples"] for s in doc["shards"]] == [10, 10, 5] and doc["n_samples"] == 25
     assert [s["bytes"] for s in doc["shards"]] == [os.path.getsize(p) for p in a.paths]
     assert list_shards(tmp_path / "a") == a.paths
-    assert not (tmp_path / "a" / STAGING_DIRNAME).exists()
+    assert not list((tmp_path / "a").glob(f"{STAGING_DIRNAME}*"))
     with tarfile.open(a.paths[0]) as tf:
         members = tf.getmembers()
     first = _samples(1)[0].key
@@ -223,14 +223,14 @@ def test_sigkill_leaves_no_partial_shard_and_rerun_matches(tmp_path: Path) -> No
     visible = sorted(out.glob("*.tar"))
     assert 2 <= len(visible) < 5
     assert not (out / "shards.json").exists() and not (out / "manifest.parquet").exists()
-    staged = list((out / STAGING_DIRNAME).glob("*.tar"))
-    assert staged, "the interrupted shard should be left in staging only"
+    staged = list(out.glob(f"{STAGING_DIRNAME}-*-{proc.pid}-*/*.tar"))
+    assert staged, "the interrupted shard should be left in the killed run's own staging folder only"
     ref_sha = {Path(p).name: _sha(p) for p in ref}
     for p in visible:  # every visible shard is complete
         assert _sha(p) == ref_sha[p.name]
     rerun = write_synthetic_shards(out, 50, rs_size=16, sv_size=16, samples_per_shard=10, seed=5)
     assert [_sha(p) for p in rerun] == [_sha(p) for p in ref]
-    assert not (out / STAGING_DIRNAME).exists()
+    assert not list(out.glob(f"{STAGING_DIRNAME}*"))  # the killed run's staging folder is gone with it
     assert read_shards_json(out) == read_shards_json(tmp_path / "ref")
 
 

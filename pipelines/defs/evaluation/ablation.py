@@ -12,11 +12,12 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from gair_model.checkpoint import atomic_write_text
+from gair_dataset.atomic import atomic_write_text
 from gair_model.eval.loading import load_trained
 from gair_model.loader import compute_rs_stats
 from gair_model.models.nili import LOCALIZERS
 from pipelines.common.plots import png_md
+from pipelines.common.policies import GPU_POOL
 from pipelines.common.storage import DataRoot
 from pipelines.defs.evaluation.assets import eval_dir, write_json
 from pipelines.defs.shards.assets import shards
@@ -41,7 +42,7 @@ class AblationConfig(dg.Config):
     rs_stats_samples: int = 2000
 
 
-@dg.asset(group_name="evaluation", deps=[shards], kinds={"pytorch"})
+@dg.asset(group_name="evaluation", deps=[shards], kinds={"pytorch"}, pool=GPU_POOL)
 def localizer_ablation(context: dg.AssetExecutionContext, config: AblationConfig,
                        data_root: DataRoot) -> dg.MaterializeResult:
     """NILI against mean-pool, centre, bilinear and bicubic localisers, trained at equal budget on the same data."""

@@ -19,7 +19,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from gair_model.checkpoint import atomic_write_text
+from gair_dataset.atomic import atomic_write_text
 from gair_model.eval.loading import LoadedModel, ModelLoadError, load_trained, random_model, read_checkpoint_config
 from gair_model.eval.report import (
     build_evaluation,
@@ -30,6 +30,7 @@ from gair_model.eval.report import (
     write_report,
 )
 from pipelines.common.plots import figure_md, png_md
+from pipelines.common.policies import GPU_POOL
 from pipelines.common.storage import DataRoot
 from pipelines.defs.evaluation.resources import EvalTasks
 from pipelines.defs.shards.assets import shards
@@ -99,7 +100,7 @@ def write_json(path: Path, payload: Any) -> Path:
     return atomic_write_text(path, json.dumps(payload, indent=1, default=str))
 
 
-@dg.asset(group_name="evaluation", deps=[gair_model_checkpoint, shards], kinds={"pytorch"})
+@dg.asset(group_name="evaluation", deps=[gair_model_checkpoint, shards], kinds={"pytorch"}, pool=GPU_POOL)
 def eval_alignment(context: dg.AssetExecutionContext, config: AlignmentConfig,
                    data_root: DataRoot) -> dg.MaterializeResult:
     """Geo-alignment benchmark (test split): retrieval, in-tile localisation and offset rings, model vs baselines."""
@@ -171,6 +172,7 @@ def _downstream_table_md(rows: list[dict]) -> str:
 
 def _downstream_asset(family: str) -> dg.AssetsDefinition:
     @dg.asset(name=f"eval_{family}", group_name="evaluation", deps=[gair_model_checkpoint], kinds={"scikitlearn"},
+              pool=GPU_POOL,
               description=f"Frozen-encoder probes on the registry's {family} tasks: the trained model next to "
                           "random weights (and, for locations, raw coordinates and pretrained GeoCLIP).")
     def _asset(context: dg.AssetExecutionContext, config: DownstreamConfig, data_root: DataRoot,
@@ -222,7 +224,7 @@ def _downstream_asset(family: str) -> dg.AssetsDefinition:
 eval_location, eval_streetview, eval_remote_sensing = (_downstream_asset(f) for f in FAMILIES)
 
 
-@dg.asset(group_name="evaluation", deps=[gair_model_checkpoint, shards], kinds={"geoparquet"})
+@dg.asset(group_name="evaluation", deps=[gair_model_checkpoint, shards], kinds={"geoparquet"}, pool=GPU_POOL)
 def gair_embeddings(context: dg.AssetExecutionContext, config: EvalConfig,
                     data_root: DataRoot) -> dg.MaterializeResult:
     """SV, localised-RS, global-RS and location embeddings of every sample of every shard set (GeoParquet)."""

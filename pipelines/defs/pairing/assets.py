@@ -21,6 +21,13 @@ def pairs(context: dg.AssetExecutionContext, duckdb_engine: DuckDBEngine,
 
     Slim: the tile's other attributes (CRS, bounds, bbox, item_ids...) stay in tiles.parquet, joined by tile_id.
     """
+    with data_root.region_lock(context.partition_key, log=context.log):
+        return _pairs(context, duckdb_engine, data_root)
+
+
+def _pairs(context: dg.AssetExecutionContext, duckdb_engine: DuckDBEngine,
+           data_root: DataRoot) -> dg.MaterializeResult:
+    """The body of :func:`pairs`, run under the region lock."""
     region = region_of(context)
     out_dir = data_root.stage_dir("pairs", region.name)
     con = duckdb_engine.connect()
@@ -58,8 +65,10 @@ def pairs(context: dg.AssetExecutionContext, duckdb_engine: DuckDBEngine,
 
 def _pairs_with_tiles(data_root: DataRoot, region: str, columns: list[str], tile_columns: list[str]) -> pd.DataFrame:
     """``columns`` of the pairs joined by ``tile_id`` with ``tile_columns`` of the tiles (NaN: tile not found)."""
-    df = pd.read_parquet(data_root.stage_dir("pairs", region) / "pairs.parquet", columns=[*columns, "tile_id"])
-    tiles = pd.read_parquet(data_root.stage_dir("tiles", region) / "tiles.parquet", columns=["tile_id", *tile_columns])
+    with data_root.region_lock(region, shared=True):  # both tables of one run: no run rewrites them meanwhile
+        df = pd.read_parquet(data_root.stage_dir("pairs", region) / "pairs.parquet", columns=[*columns, "tile_id"])
+        tiles = pd.read_parquet(data_root.stage_dir("tiles", region) / "tiles.parquet",
+                                columns=["tile_id", *tile_columns])
     return df.merge(tiles.drop_duplicates("tile_id"), on="tile_id", how="left")
 
 
@@ -82,8 +91,9 @@ def pairs_inside_tile_bbox(context: dg.AssetCheckExecutionContext, data_root: Da
 @dg.asset_check(asset=pairs, blocking=True, description="No SV point is paired with two tiles")
 def no_point_in_two_tiles(context: dg.AssetCheckExecutionContext, data_root: DataRoot) -> dg.AssetCheckResult:
     """Every ``sv_id`` appears once."""
-    df = pd.read_parquet(data_root.stage_dir("pairs", context.partition_key) / "pairs.parquet",
-                         columns=["sv_id"])
+    with data_root.region_lock(context.partition_key, shared=True):  # no run rewrites it meanwhile
+        df = pd.read_parquet(data_root.stage_dir("pairs", context.partition_key) / "pairs.parquet",
+                             columns=["sv_id"])
     dups = df["sv_id"][df["sv_id"].duplicated()]
     return dg.AssetCheckResult(passed=dups.empty, metadata={"num_duplicated": len(dups),
                                                             "examples": dups.head(10).tolist()})

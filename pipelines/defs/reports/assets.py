@@ -2,12 +2,12 @@
 
 
 import json
-import os
 from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
 
+from gair_dataset.atomic import atomic_write_json
 from pipelines.common.storage import DataRoot
 from pipelines.defs.shards.assets import shards
 from pipelines.defs.training.assets import gair_model_checkpoint
@@ -44,9 +44,7 @@ def run_summary(context: dg.AssetExecutionContext, data_root: DataRoot) -> dg.Ma
     if extra.exists():
         summary["training"] = json.loads(extra.read_text())
     out = data_root.stage_dir("reports") / "run_summary.json"
-    tmp = out.with_name(f".run_summary.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=1, default=str))
-    tmp.replace(out)
+    atomic_write_json(out, summary, indent=1, default=str)
     context.log.info("run summary: %s", json.dumps(summary["totals"]))
     return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(str(out)),
                                           "totals": dg.MetadataValue.json(summary["totals"]),

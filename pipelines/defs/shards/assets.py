@@ -17,6 +17,7 @@ from gair_dataset.shards import iter_raw_samples, read_shards_json
 from gair_dataset.stac_catalog import read_items
 from gair_dataset.streetview_points import with_provenance
 from pipelines.common.plots import figure_md, plt
+from pipelines.common.policies import NETWORK_RETRY, REMOTE_READS_POOL
 from pipelines.common.storage import DataRoot
 from pipelines.defs.pairing.assets import pairs
 from pipelines.defs.shards.resources import RasterAccess
@@ -42,10 +43,18 @@ def shard_dir(data_root: DataRoot, region: str) -> Path:
 
 
 @dg.asset(partitions_def=region_partitions, group_name="shards", deps=[pairs, tile_grid, stac_items],
-          kinds={"webdataset"})
+          kinds={"webdataset"},
+          pool=REMOTE_READS_POOL, retry_policy=NETWORK_RETRY)
 def shards(context: dg.AssetExecutionContext, config: ShardsConfig, raster_access: RasterAccess,
            data_root: DataRoot) -> dg.MaterializeResult:
     """Training-ready WebDataset shards (rs.npy, sv.jpg, json per sample) + manifest, for one region."""
+    with data_root.region_lock(context.partition_key, log=context.log):
+        return _shards(context, config, raster_access, data_root)
+
+
+def _shards(context: dg.AssetExecutionContext, config: ShardsConfig, raster_access: RasterAccess,
+            data_root: DataRoot) -> dg.MaterializeResult:
+    """The body of :func:`shards`, run under the region lock."""
     region = region_of(context)
     pairs_df = pd.read_parquet(data_root.stage_dir("pairs", region.name) / "pairs.parquet")
     # Licence/attribution of API street-view points stay in points.parquet (slim pairs): joined here by sv_id.
@@ -127,9 +136,10 @@ def _region_shards(data_root: DataRoot, region: str) -> tuple[Path, dict]:
 @dg.asset_check(asset=shards, blocking=True, description="The manifest lists exactly the samples written")
 def manifest_matches_samples(context: dg.AssetCheckExecutionContext, data_root: DataRoot) -> dg.AssetCheckResult:
     """Manifest rows == samples in stats == sum of per-shard counts."""
-    out, doc = _region_shards(data_root, context.partition_key)
-    manifest = pd.read_parquet(out / MANIFEST_NAME, columns=["key", "shard"])
-    stats = data_root.read_stats("shards", context.partition_key) or {}
+    with data_root.region_lock(context.partition_key, shared=True):  # three files of one run, none rewritten meanwhile
+        out, doc = _region_shards(data_root, context.partition_key)
+        manifest = pd.read_parquet(out / MANIFEST_NAME, columns=["key", "shard"])
+        stats = data_root.read_stats("shards", context.partition_key) or {}
     per_shard = sum(int(s["n_samples"]) for s in doc["shards"])
     ok = len(manifest) == stats.get("samples") == per_shard and manifest["key"].is_unique
     return dg.AssetCheckResult(passed=bool(ok), metadata={"manifest_rows": len(manifest), "per_shard_sum": per_shard,
@@ -141,24 +151,27 @@ def manifest_matches_samples(context: dg.AssetCheckExecutionContext, data_root: 
 def shards_readable_and_complete(context: dg.AssetCheckExecutionContext,
                                  data_root: DataRoot) -> dg.AssetCheckResult:
     """Open every shard with tarfile; each sample has exactly rs.npy, sv.jpg, json; keys match the pattern."""
-    out, doc = _region_shards(data_root, context.partition_key)
-    problems: list[str] = []
-    total = 0
-    for s in doc["shards"]:
-        n = 0
-        try:
-            for key, members in iter_raw_samples(str(out / s["path"])):
-                n += 1
-                if not KEY_PATTERN.match(key):
-                    problems.append(f"{s['path']}: bad key {key!r}")
-                if set(members) != set(MEMBER_SUFFIXES):
-                    problems.append(f"{s['path']}: {key} has {sorted(members)}")
-        except (tarfile.TarError, OSError) as exc:
-            problems.append(f"{s['path']}: unreadable ({exc})")
-        if n == 0:
-            problems.append(f"{s['path']}: empty shard")
-        if n != int(s["n_samples"]):
-            problems.append(f"{s['path']}: {n} samples, shards.json says {s['n_samples']}")
-        total += n
-    return dg.AssetCheckResult(passed=not problems, metadata={"samples_read": total, "shards": len(doc["shards"]),
-                                                              "problems": dg.MetadataValue.json(problems[:20])})
+    with data_root.region_lock(context.partition_key, shared=True):  # no run rewrites it meanwhile
+        out, doc = _region_shards(data_root, context.partition_key)
+        problems: list[str] = []
+        total = 0
+        for s in doc["shards"]:
+            n = 0
+            try:
+                # links, devices, absolute/.. paths and off-pattern names are refused, never extracted
+                on_bad = lambda msg, name=s["path"]: problems.append(f"{name}: bad member: {msg}")  # noqa: E731
+                for key, members in iter_raw_samples(str(out / s["path"]), on_bad_member=on_bad):
+                    n += 1
+                    if not KEY_PATTERN.match(key):
+                        problems.append(f"{s['path']}: bad key {key!r}")
+                    if set(members) != set(MEMBER_SUFFIXES):
+                        problems.append(f"{s['path']}: {key} has {sorted(members)}")
+            except (tarfile.TarError, OSError) as exc:
+                problems.append(f"{s['path']}: unreadable ({exc})")
+            if n == 0:
+                problems.append(f"{s['path']}: empty shard")
+            if n != int(s["n_samples"]):
+                problems.append(f"{s['path']}: {n} samples, shards.json says {s['n_samples']}")
+            total += n
+        return dg.AssetCheckResult(passed=not problems, metadata={"samples_read": total, "shards": len(doc["shards"]),
+                                                                  "problems": dg.MetadataValue.json(problems[:20])})

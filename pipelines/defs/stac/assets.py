@@ -8,6 +8,7 @@ import dagster as dg
 import geopandas as gpd
 import pandas as pd
 
+from gair_dataset.atomic import atomic_path
 from gair_dataset.signing import TOKEN_PARAMS
 from gair_dataset.stac_catalog import (
     StacSearchError,
@@ -18,14 +19,22 @@ from gair_dataset.stac_catalog import (
 )
 from gair_dataset.tile_grid import build_tiles, tiles_summary
 from pipelines.common.plots import figure_md, footprints_map
+from pipelines.common.policies import NETWORK_RETRY, STAC_POOL
 from pipelines.common.storage import DataRoot
 from pipelines.defs.stac.resources import StacCatalog
 from pipelines.partitions import region_of, region_partitions
 
 
-@dg.asset(partitions_def=region_partitions, group_name="stac", kinds={"stac", "geoparquet"})
+@dg.asset(partitions_def=region_partitions, group_name="stac", kinds={"stac", "geoparquet"},
+          pool=STAC_POOL, retry_policy=NETWORK_RETRY)
 def stac_items(context: dg.AssetExecutionContext, stac: StacCatalog, data_root: DataRoot) -> dg.MaterializeResult:
     """RS items found for the region (footprints as GeoParquet + unsigned item JSON)."""
+    with data_root.region_lock(context.partition_key, log=context.log):
+        return _stac_items(context, stac, data_root)
+
+
+def _stac_items(context: dg.AssetExecutionContext, stac: StacCatalog, data_root: DataRoot) -> dg.MaterializeResult:
+    """The body of :func:`stac_items`, run under the region lock."""
     region = region_of(context)
     params = region.search_params()
     context.log.info("searching %s: %s", stac.describe(), params.describe())
@@ -44,7 +53,7 @@ def stac_items(context: dg.AssetExecutionContext, stac: StacCatalog, data_root: 
             description=(f"no usable item for region {region.name} ({len(items)} found, {len(rejects)} rejected) "
                          f"in {stac.describe()} with {params.describe()}"),
             metadata={"search": dg.MetadataValue.json(params.describe()),
-                      "rejects": dg.MetadataValue.json(rejects[:50])})
+                      "rejects": dg.MetadataValue.json(rejects[:50])}, allow_retries=False)
     out = data_root.stage_dir("stac", region.name)
     json_path, pq_path = write_items(ok, out)
     gdf = items_to_geodataframe(ok)
@@ -96,13 +105,15 @@ def items_found(context: dg.AssetCheckExecutionContext, data_root: DataRoot) -> 
     The metadata names the items and the offending parameters, never a URL.
     """
     path = data_root.stage_dir("stac", context.partition_key) / "items.json"
-    try:
-        features = json.loads(path.read_text())["features"]
-        if not isinstance(features, list):
-            raise TypeError(f"features is a {type(features).__name__}, not a list")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return dg.AssetCheckResult(passed=False, metadata={
-            "num_items": 0, "problems": dg.MetadataValue.json([f"{path.name} unreadable: {type(exc).__name__}"])})
+    with data_root.region_lock(context.partition_key, shared=True):  # both files of one run: none rewrites them now
+        stats = data_root.read_stats("stac", context.partition_key)
+        try:
+            features = json.loads(path.read_text())["features"]
+            if not isinstance(features, list):
+                raise TypeError(f"features is a {type(features).__name__}, not a list")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return dg.AssetCheckResult(passed=False, metadata={
+                "num_items": 0, "problems": dg.MetadataValue.json([f"{path.name} unreadable: {type(exc).__name__}"])})
     problems: list[str] = []
     if not features:
         problems.append(f"{path.name} has no item")
@@ -121,7 +132,6 @@ def items_found(context: dg.AssetCheckExecutionContext, data_root: DataRoot) -> 
         if rejects:
             num_invalid += 1
             problems.append(f"item {name}: {rejects[0]['reason']}")
-    stats = data_root.read_stats("stac", context.partition_key)
     if stats is not None and stats.get("items") != len(features):
         problems.append(f"stats.json counts {stats.get('items')} items, {path.name} has {len(features)}")
     return dg.AssetCheckResult(passed=not problems, metadata={
@@ -132,6 +142,12 @@ def items_found(context: dg.AssetCheckExecutionContext, data_root: DataRoot) -> 
 @dg.asset(partitions_def=region_partitions, group_name="stac", deps=[stac_items], kinds={"geoparquet"})
 def tile_grid(context: dg.AssetExecutionContext, data_root: DataRoot) -> dg.MaterializeResult:
     """Tile footprints (XYZ or UTM pixel grid) covered by items, with their items and spatial split."""
+    with data_root.region_lock(context.partition_key, log=context.log):
+        return _tile_grid(context, data_root)
+
+
+def _tile_grid(context: dg.AssetExecutionContext, data_root: DataRoot) -> dg.MaterializeResult:
+    """The body of :func:`tile_grid`, run under the region lock."""
     region = region_of(context)
     stac_dir = data_root.stage_dir("stac", region.name)
     items = gpd.read_parquet(stac_dir / "items.parquet")
@@ -139,14 +155,14 @@ def tile_grid(context: dg.AssetExecutionContext, data_root: DataRoot) -> dg.Mate
     try:
         tiles = build_tiles(items, region.area(), region.grid, region.split, item_dicts=item_dicts)
     except ValueError as exc:  # duplicate item ids, items that cannot carry this grid kind: named in the message
-        raise dg.Failure(f"tile grid of region {region.name}: {exc}") from exc
+        raise dg.Failure(f"tile grid of region {region.name}: {exc}", allow_retries=False) from exc
     if tiles.empty:
         raise dg.Failure(f"no {region.grid.kind} tile of region {region.name} is fully covered by any of the "
-                         f"{len(items)} items; check the region, the zoom/tile size and the item footprints")
+                         f"{len(items)} items; check the region, the zoom/tile size and the item footprints",
+                         allow_retries=False)
     out = data_root.stage_dir("tiles", region.name) / "tiles.parquet"
-    tmp = out.with_name(".tiles.parquet.tmp")
-    tiles.to_parquet(tmp, index=False)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        tiles.to_parquet(tmp, index=False)
     summary = tiles_summary(tiles)
     data_root.write_stats("tiles", region.name, {**summary, "grid": region.grid.kind})
     colors = tiles["split"].map({"train": "tab:blue", "val": "tab:orange", "test": "tab:red"}).tolist()

@@ -1,11 +1,15 @@
 """Street-view points per region: loaded (files or an API), validated, rejects always written with reasons."""
 
 
+from pathlib import Path
+
 import dagster as dg
 import pandas as pd
 
+from gair_dataset.atomic import atomic_path
 from gair_dataset.streetview_points import normalize_rejects, swapped_coordinates, validate_points
 from gair_dataset.sv_sources import ApiError
+from pipelines.common.policies import NETWORK_RETRY, REMOTE_READS_POOL
 from pipelines.common.storage import DataRoot
 from pipelines.config import RegionConfig
 from pipelines.defs.streetview.resources import StreetViewPoints
@@ -23,6 +27,12 @@ def _where(region: RegionConfig) -> str:
     return f"{src.kind} {src.url or 'default API'}" if src.is_api else f"{src.kind} {src.path}"
 
 
+def _write_parquet(df: pd.DataFrame, path: Path) -> None:
+    """Write a (Geo)Parquet table atomically (a unique temporary name, then renamed)."""
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+
+
 def _log_rejects(context: dg.AssetExecutionContext, region: RegionConfig, rejects: pd.DataFrame) -> None:
     """One warning per kind of reason, naming the region, the source and the first rows with their text."""
     kinds = rejects["reason"].astype(str).str.split(": ", n=1).str[0]
@@ -34,36 +44,46 @@ def _log_rejects(context: dg.AssetExecutionContext, region: RegionConfig, reject
                             len(group), kind, examples)
 
 
-@dg.asset(partitions_def=region_partitions, group_name="streetview", kinds={"geoparquet"})
+@dg.asset(partitions_def=region_partitions, group_name="streetview", kinds={"geoparquet"}, pool=REMOTE_READS_POOL,
+          retry_policy=NETWORK_RETRY)
 def sv_points(context: dg.AssetExecutionContext, streetview: StreetViewPoints,
               data_root: DataRoot) -> dg.MaterializeResult:
     """Validated street-view points (id, lon, lat, image, heading, time, source, licence) and the rejected rows.
 
     ``rejects.parquet`` is written on every run (empty when nothing was rejected), before any failure.
     """
+    with data_root.region_lock(context.partition_key, log=context.log):
+        return _sv_points(context, streetview, data_root)
+
+
+def _sv_points(context: dg.AssetExecutionContext, streetview: StreetViewPoints,
+               data_root: DataRoot) -> dg.MaterializeResult:
+    """The body of :func:`sv_points`, run under the region lock."""
     region = region_of(context)
     out = data_root.stage_dir("streetview", region.name)
     try:
         raw, read_rejects = streetview.load_region(region, data_root)
     except (FileNotFoundError, ValueError, ApiError) as exc:
-        normalize_rejects(pd.DataFrame()).to_parquet(out / "rejects.parquet", index=False)
-        raise dg.Failure(f"cannot load street-view points for {region.name} ({_where(region)}): {exc}") from exc
+        _write_parquet(normalize_rejects(pd.DataFrame()), out / "rejects.parquet")
+        # The API clients already retried transient errors (429, 5xx, connection); what is left (a refused token, a
+        # missing file, a malformed table) fails the same way again: no step retry.
+        raise dg.Failure(f"cannot load street-view points for {region.name} ({_where(region)}): {exc}",
+                         allow_retries=False) from exc
     points, rejects = validate_points(raw)
     rejects = normalize_rejects(pd.concat([df for df in (normalize_rejects(read_rejects), rejects) if not df.empty])
                                 if not (read_rejects.empty and rejects.empty) else pd.DataFrame())
-    rejects.to_parquet(out / "rejects.parquet", index=False)
+    _write_parquet(rejects, out / "rejects.parquet")
     by_reason = _by_reason(rejects)
     _log_rejects(context, region, rejects)
     reasons_md = {"rejects_by_reason": dg.MetadataValue.json(by_reason)}
     if points.empty:
         raise dg.Failure(f"no valid street-view point for {region.name} from {_where(region)} ({len(rejects)} "
-                         f"rejected, see {out / 'rejects.parquet'})", metadata=reasons_md)
+                         f"rejected, see {out / 'rejects.parquet'})", metadata=reasons_md, allow_retries=False)
     swapped = swapped_coordinates(points, region.bbox)
     if swapped:
-        raise dg.Failure(f"region {region.name} ({_where(region)}): {swapped}", metadata=reasons_md)
-    tmp = out / ".points.parquet.tmp"
-    points.to_parquet(tmp, index=False)
-    tmp.replace(out / "points.parquet")
+        raise dg.Failure(f"region {region.name} ({_where(region)}): {swapped}", metadata=reasons_md,
+                         allow_retries=False)
+    _write_parquet(points, out / "points.parquet")
     decimal_commas = int(raw.attrs.get("decimal_commas", 0))
     if decimal_commas:
         context.log.info("%s: %d values read with a decimal comma", region.name, decimal_commas)

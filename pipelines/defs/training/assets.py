@@ -9,10 +9,11 @@ from typing import Any
 import dagster as dg
 from pydantic import Field, create_model
 
+from gair_dataset.atomic import atomic_write_text
 from gair_dataset.contract import SHARDS_JSON_NAME
-from gair_model.checkpoint import atomic_write_text
 from gair_model.loader import compute_rs_stats
 from gair_model.training.config import TRAIN_PRESETS, TrainConfig, resolve_config, to_flags
+from pipelines.common.policies import GPU_POOL
 from pipelines.common.storage import DataRoot
 from pipelines.defs.shards.assets import shards
 from pipelines.partitions import REGIONS
@@ -87,7 +88,7 @@ def trainer_args(cfg: TrainingConfig, shard_list: list[str], out_dir: Path) -> l
         list(cfg.extra_args)
 
 
-@dg.asset(group_name="training", deps=[shards], kinds={"pytorch"})
+@dg.asset(group_name="training", deps=[shards], kinds={"pytorch"}, pool=GPU_POOL)
 def gair_model_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig, data_root: DataRoot,
                           pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     """A GAIR checkpoint trained on the train split of every region's shards (safetensors + state)."""
