@@ -5,6 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export GAIR_DATA_ROOT ?= $(CURDIR)/gair_data
 export DAGSTER_HOME ?= $(GAIR_DATA_ROOT)/dagster_home
+# The UI of `make dev` listens on this host only (loopback); GAIR_UI_HOST=0.0.0.0 exposes it to the network.
+GAIR_UI_HOST ?= 127.0.0.1
+GAIR_UI_PORT ?= 3000
 
 .PHONY: install demo evaluate ablation test test-fast dev bench lint sample clean
 
@@ -35,9 +38,9 @@ test: install  ## the whole suite, slow tests included (CI runs this)
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
-dev: install  ## Dagster UI on http://127.0.0.1:3000 (runs of `make demo` show up there)
+dev: install  ## Dagster UI on http://127.0.0.1:3000 (runs of `make demo` show up there; GAIR_UI_HOST/PORT)
 	$(BIN)/python -c "from pipelines.demo import prepare_dagster_home; from pathlib import Path; prepare_dagster_home(Path('$(GAIR_DATA_ROOT)'))"
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	$(BIN)/dagster dev -w workspace.yaml -h "$(GAIR_UI_HOST)" -p "$(GAIR_UI_PORT)"
 
 bench: install  ## benchmarks; figures go to bench/results/*.json
 	$(BIN)/python bench/pairing_bench.py

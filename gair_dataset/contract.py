@@ -75,6 +75,59 @@ def sample_key(tile_id: str, sv_id: str) -> str:
     return f"{validate_key_part(tile_id, 'tile_id')}_{validate_key_part(sv_id, 'sv_id')}"
 
 
+class UnsafeMemberError(SampleDecodeError):
+    """A shard's tar member is not a plain ``<key>.<suffix>`` file (absolute path, ``..``, folder, link, device).
+
+    Readers never extract such a member (nor any member) to disk: they report it as a bad sample and skip it.
+    """
+
+
+_MEMBER_SUFFIX_PATTERN = re.compile(r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$")
+
+
+def check_member_name(name: str) -> tuple[str, str]:
+    """Split a shard member name into ``(key, suffix)``, refusing any name that is not ``<key>.<suffix>``.
+
+    A member name must be a bare file name (no folder, no absolute path, no ``..`` component, no backslash), its
+    key (before the first dot) must match :data:`KEY_PATTERN` and its suffix must be dot-separated
+    ``[A-Za-z0-9_-]+`` parts. Unknown suffixes are *not* refused here (readers ignore them).
+
+    Raises:
+        UnsafeMemberError: With a message naming the member and what is wrong with it.
+    """
+    if not isinstance(name, str) or not name:
+        raise UnsafeMemberError(f"tar member with an empty name {name!r}")
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        raise UnsafeMemberError(f"tar member {name!r}: absolute path")
+    if ".." in parts:
+        raise UnsafeMemberError(f"tar member {name!r}: '..' path component")
+    if len(parts) > 1:
+        raise UnsafeMemberError(f"tar member {name!r}: a path, not a bare <key>.<suffix> name")
+    key, dot, suffix = name.partition(".")
+    if not dot or not KEY_PATTERN.match(key) or not _MEMBER_SUFFIX_PATTERN.match(suffix):
+        raise UnsafeMemberError(f"tar member {name!r}: not <key>.<suffix> with a [A-Za-z0-9_-]+ key")
+    return key, suffix
+
+
+_MEMBER_KINDS = {b"1": "hard link", b"2": "symbolic link", b"3": "character device", b"4": "block device",
+                 b"5": "directory", b"6": "FIFO"}
+
+
+def check_tar_member(member: Any) -> tuple[str, str]:
+    """:func:`check_member_name` for a ``tarfile.TarInfo``, which must also be a regular file.
+
+    Raises:
+        UnsafeMemberError: For a link (hard or symbolic), device, FIFO, directory or any other non-regular member,
+            or a bad name.
+    """
+    if not member.isreg():
+        kind = _MEMBER_KINDS.get(member.type, f"non-regular member (type {member.type!r})")
+        target = f" -> {member.linkname!r}" if member.islnk() or member.issym() else ""
+        raise UnsafeMemberError(f"tar member {member.name!r}{target}: {kind}, only regular files are read")
+    return check_member_name(member.name)
+
+
 def rs_dates(rs: np.ndarray) -> np.ndarray:
     """View an ``rs.npy`` array as ``D x C x H x W`` (dates first), whatever its stored form.
 

@@ -52,6 +52,8 @@ from gair_dataset.contract import (  # decode_npy, SampleDecodeError: also part 
     RS_MEMBER,
     SV_MEMBER,
     SampleDecodeError,
+    UnsafeMemberError,
+    check_member_name,
     decode_npy,
 )
 
@@ -103,11 +105,25 @@ def resolve_shards(shards: str | os.PathLike[str] | Sequence[str]) -> list[str]:
     return out
 
 
-def _select_member(fname: str) -> bool:
-    """Tar member filter: only ``<key>.rs.npy``, ``<key>.sv.jpg``, ``<key>.json`` are read."""
-    base = fname.rsplit("/", 1)[-1]
-    _, dot, suffix = base.partition(".")
-    return bool(dot) and suffix.lower() in ALLOWED_MEMBERS
+def _select_member(fname: str, allowed: Sequence[str] = ALLOWED_MEMBERS) -> bool:
+    """Tar member filter: only bare ``<key>.rs.npy``, ``<key>.sv.jpg``, ``<key>.json`` names are read.
+
+    A name with a folder, an absolute path, a ``..`` component or a key off ``[A-Za-z0-9_-]+``
+    (:func:`gair_dataset.contract.check_member_name`) is refused with a warning before its bytes are read.
+    Links (hard or symbolic), devices and other non-regular members never reach this filter: WebDataset drops
+    them, and the sample they belonged to is then skipped as incomplete (``missing members``). Nothing is
+    extracted to disk either way.
+    """
+    try:
+        _, suffix = check_member_name(fname)
+    except UnsafeMemberError as exn:
+        log.warning("skipping bad tar member: %s", exn)
+        return False
+    return suffix.lower() in allowed
+
+
+def _select_stats_member(fname: str) -> bool:
+    return _select_member(fname, (RS_MEMBER, JSON_MEMBER))
 
 
 def _skip_bad_sample(exn: Exception) -> bool:
@@ -287,7 +303,8 @@ def _parse_and_select(splits: tuple[str, ...] | None,
             try:
                 missing = [m for m in ALLOWED_MEMBERS if m not in raw]
                 if missing:
-                    raise SampleDecodeError(f"{key}: missing members {missing}")
+                    raise SampleDecodeError(f"{key}: missing members {missing} (links, devices and unsafe "
+                                            "names are never read)")
                 meta = json.loads(raw[JSON_MEMBER])
                 if not isinstance(meta, dict):
                     raise SampleDecodeError(f"{key}: json is not an object")
@@ -628,7 +645,7 @@ def compute_rs_stats(shards: str | list[str], *, max_samples: int = 2000, bands:
     """
     wanted = set(splits) if splits is not None else None
     ds = wds.WebDataset(resolve_shards(shards), shardshuffle=False, nodesplitter=None, workersplitter=None,
-                        select_files=lambda f: f.endswith((".rs.npy", ".json")), handler=_skip_bad_sample,
+                        select_files=_select_stats_member, handler=_skip_bad_sample,
                         empty_check=False)
     if wanted is not None:
         ds = ds.select(lambda raw: JSON_MEMBER in raw and json.loads(raw[JSON_MEMBER]).get("split") in wanted)
