@@ -44,7 +44,14 @@ from gair_dataset.bands import (
     profile_for,
     resolve_item_bands,
 )
-from gair_dataset.signing import Signer, install_redacting_log_filter, is_http_403, redact_text, redact_url
+from gair_dataset.signing import (
+    Signer,
+    install_redacting_log_filter,
+    is_http_403,
+    redact_text,
+    redact_url,
+    refresh_signer,
+)
 
 log = logging.getLogger(__name__)
 install_redacting_log_filter()
@@ -65,8 +72,13 @@ DEFAULT_GDAL_ENV: dict[str, Any] = {
 }
 """GDAL configuration used around every read (override per reader with ``gdal_env``)."""
 
-HARMONIZE_WARN_FRACTION = 0.05
-"""Warn (and say so in a nodata rejection) when removing the offset makes more than this fraction nodata."""
+HARMONIZE_REJECT_FRACTION = 0.2
+"""Reject a chip (``already_harmonised``) when removing the Sentinel-2 offset clips the visible bands of more than
+this fraction of its valid pixels: with the offset present, blue, green and red all at or below +1000 (a negative
+reflectance in each) is rare; in data already harmonised it is most dark land and water."""
+
+VISIBLE_BANDS = frozenset({"B02", "B03", "B04", "blue", "green", "red", "coastal"})
+"""Band names whose joint clipping is the already-harmonised signal (any profile's naming)."""
 
 
 class ChipReadError(RuntimeError):
@@ -133,8 +145,9 @@ class ChipResult:
     crs: str | None = None
     sources: list[str] = field(default_factory=list)
     """Unsigned, query-free hrefs that were read."""
-    harmonize_zeroed: float = 0.0
-    """Fraction of the pixels that became nodata only by removing the Sentinel-2 offset."""
+    harmonize_clipped: float = 0.0
+    """Fraction of the valid pixels whose visible bands all were at or below the Sentinel-2 offset (clipped to 1
+    when removing it): near 0 for data that carries the offset, large for data already harmonised."""
 
     @property
     def ok(self) -> bool:
@@ -196,13 +209,13 @@ def _profile_or_generic(item: Mapping[str, Any], bands: Sequence[str]) -> BandPr
 def harmonize_s2(arr: np.ndarray, nodata: float = 0) -> np.ndarray:
     """Remove the +1000 DN offset of baseline >= 04.00 Sentinel-2 L2A data in place.
 
-    Values become ``max(v - 1000, 0)``; nodata stays nodata.
+    Valid values become ``max(v - 1000, 1)`` (a value at or below the offset is a valid dark pixel, kept apart
+    from a nodata of 0); nodata stays nodata.
     """
-    nod = (arr == nodata) if nodata != 0 else None
-    np.maximum(arr, S2_BOA_ADD_OFFSET, out=arr)  # values below the offset clip to 0 (and 0 stays 0)
+    nod = arr == nodata
+    np.maximum(arr, S2_BOA_ADD_OFFSET + 1, out=arr)
     arr -= S2_BOA_ADD_OFFSET
-    if nod is not None:
-        arr[nod] = nodata
+    arr[nod] = nodata
     return arr
 
 
@@ -261,6 +274,10 @@ class _ReadPlan:
     bands: tuple[str, ...]
 
 
+_PLACEMENTS: dict[tuple[Any, ...], tuple[Window, bool, bool]] = {}
+"""Tile placements on raster grids (:meth:`_OpenDataset.placement`), bounded."""
+
+
 class _OpenDataset:
     """An open dataset plus facts about it that are costly to recompute per chip."""
 
@@ -270,8 +287,12 @@ class _OpenDataset:
         self.nodata = ds.nodata
         self.crs = ds.crs
         self.uint16 = all(d == "uint16" for d in ds.dtypes)
+        #: uint16 without per-dataset masks or alpha: a plain window read gives the chip (``ChipReader._plain_read``)
+        self.plain = self.uint16 and not any(f & _MASK_OR_ALPHA for f in self.mask_flags)
         self.transform = ds.transform
         self._north_up = self.transform.b == 0 and self.transform.d == 0
+        self.width, self.height = ds.width, ds.height
+        self._grid = (tuple(self.transform)[:6], self.width, self.height)  # the CRS is compared apart (same_crs)
         self._same_crs: dict[str, bool] = {}
 
     def window(self, bounds: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
@@ -284,6 +305,27 @@ class _OpenDataset:
         c0, c1 = (minx - t.c) / t.a, (maxx - t.c) / t.a
         r0, r1 = (maxy - t.f) / t.e, (miny - t.f) / t.e
         return min(c0, c1), min(r0, r1), abs(c1 - c0), abs(r1 - r0)
+
+    def placement(self, bounds: tuple[float, float, float, float], width: int,
+                  height: int) -> tuple[Window, bool, bool]:
+        """``(window, inside the raster, on its pixel grid at the tile's size)`` of a tile's bounds.
+
+        Memoised per grid (transform and size), so the single-band assets of one item (one grid) place a chip once.
+        """
+        key = (self._grid, bounds, width, height)
+        hit = _PLACEMENTS.get(key)
+        if hit is not None:
+            return hit
+        c0, r0, w, h = self.window(bounds)
+        inside = c0 >= -1e-6 and r0 >= -1e-6 and c0 + w <= self.width + 1e-6 and r0 + h <= self.height + 1e-6
+        rc0, rr0 = round(c0), round(r0)
+        same_grid = (abs(c0 - rc0) < 1e-6 and abs(r0 - rr0) < 1e-6 and abs(w - width) < 1e-6
+                     and abs(h - height) < 1e-6)
+        window = Window(rc0, rr0, width, height) if same_grid else Window(c0, r0, w, h)
+        if len(_PLACEMENTS) >= 1024:
+            _PLACEMENTS.clear()
+        _PLACEMENTS[key] = hit = (window, inside, same_grid)
+        return hit
 
     def same_crs(self, key: str, crs: CRS) -> bool:
         if key not in self._same_crs:
@@ -314,6 +356,7 @@ class ChipReader:
         self._plans: OrderedDict[tuple[Any, ...], tuple[Mapping[str, Any], _ReadPlan]] = OrderedDict()
         self._env: rasterio.Env | None = None
         self.n_resigned = 0
+        self._last_placement: tuple[TileSpec, tuple, Window | None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     def __enter__(self) -> ChipReader:
@@ -358,7 +401,7 @@ class ChipReader:
         return entry
 
     def _with_dataset(self, href: str, fn: Callable[[_OpenDataset], Any]) -> Any:
-        """Run ``fn(dataset)``; on HTTP 403 re-sign once and retry; redact all errors."""
+        """Run ``fn(dataset)``; on HTTP 403 re-sign once with a fresh token and retry; redact all errors."""
         message = None
         for attempt in range(2):
             try:
@@ -366,7 +409,8 @@ class ChipReader:
             except (RasterioError, OSError) as exn:
                 self._drop(href)
                 if attempt == 0 and self.signer is not None and is_http_403(exn):
-                    log.info("HTTP 403 on %s: re-signing once", redact_url(href))
+                    log.info("HTTP 403 on %s: re-signing once with a fresh token", redact_url(href))
+                    refresh_signer(self.signer, href)  # a cached token the server refuses is dropped
                     self.n_resigned += 1
                     continue
                 message = f"{type(exn).__name__}: {redact_text(str(exn))}"
@@ -406,7 +450,7 @@ class ChipReader:
         height, width = (out_size, out_size) if out_size else (tile.height, tile.width)
         dst_crs = _parse_crs(tile.crs)
         try:
-            out, invalid, raw_invalid = self._read_bands(plan, tile, dst_crs, height, width)
+            out, invalid = self._read_bands(plan, tile, dst_crs, height, width)
             if max_cloud_fraction is not None and plan.cloud is not None:
                 result.cloud_fraction = self._cloud_fraction(plan.cloud, tile, dst_crs, height, width, invalid,
                                                              cloud_classes)
@@ -419,21 +463,19 @@ class ChipReader:
         result.harmonized = plan.offset > 0
         n = invalid.size
         result.nodata_fraction = np.count_nonzero(invalid) / n if n else 1.0
-        if plan.offset:
-            before = np.count_nonzero(raw_invalid) / n if n else 1.0
-            result.harmonize_zeroed = result.nodata_fraction - before
-            if result.harmonize_zeroed > HARMONIZE_WARN_FRACTION:
-                log.warning("item %s: removing the +%d offset (baseline %s) made %.1f%% of tile %s nodata: its "
-                            "pixels may already be harmonised", item.get("id"), plan.offset, plan.baseline,
-                            100 * result.harmonize_zeroed, tile.tile_id)
         if result.nodata_fraction > max_nodata_fraction:
             result.rejected_reason = f"nodata_fraction {result.nodata_fraction:.3f} > {max_nodata_fraction}"
-            if result.harmonize_zeroed > HARMONIZE_WARN_FRACTION:
-                result.rejected_reason += (
-                    f" ({result.nodata_fraction - result.harmonize_zeroed:.3f} before removing the +{plan.offset} "
-                    f"offset of baseline {plan.baseline}: item {item.get('id')!r} may already be harmonised; "
-                    f"set offset_removed: true in the band profile of {collection!r})")
             return result
+        if plan.offset:
+            result.harmonize_clipped = _clipped_fraction(out, plan.bands, invalid)
+            if result.harmonize_clipped > HARMONIZE_REJECT_FRACTION:
+                result.rejected_reason = (
+                    f"already_harmonised: removing the +{plan.offset} offset of baseline {plan.baseline} left "
+                    f"{result.harmonize_clipped:.3f} of tile {tile.tile_id or ''} with every visible band at or "
+                    f"below 0: item {item.get('id')!r} may already be harmonised; if so, set offset_removed: true "
+                    f"in the band profile of {collection!r} (or the item property earthsearch:boa_offset_applied)")
+                log.warning("item %s: %s", item.get("id"), result.rejected_reason)
+                return result
         if result.cloud_fraction is not None and max_cloud_fraction is not None \
                 and result.cloud_fraction > max_cloud_fraction:
             result.rejected_reason = f"cloud_fraction {result.cloud_fraction:.3f} > {max_cloud_fraction}"
@@ -444,11 +486,15 @@ class ChipReader:
         return result
 
     def _read_bands(self, plan: _ReadPlan, tile: TileSpec, dst_crs: CRS, height: int,
-                    width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every band of a plan onto the tile grid: ``(bands x H x W, invalid, invalid before harmonising)``."""
+                    width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every band of a plan onto the tile grid, harmonised: ``(bands x H x W, invalid)``.
+
+        Zero-nodata reads (the common case) are checked for zeros once over the whole chip, and the offset is
+        removed once, after every read.
+        """
         out: np.ndarray | None = None
         invalid: np.ndarray | None = None
-        raw_invalid: np.ndarray | None = None
+        zeros_of: list[list[int]] = []  # output positions whose nodata is "any zero"
         for href, positions, indexes, nodata in plan.reads:
             target = None
             if len(plan.reads) > 1:
@@ -456,29 +502,70 @@ class ChipReader:
                     out = np.empty((len(plan.bands), height, width), dtype=np.uint16)
                 if positions == list(range(positions[0], positions[0] + len(positions))):
                     target = out[positions[0]:positions[0] + len(positions)]  # read straight into ``out``
-            data, bad, raw_bad = self._read_asset(href, indexes, tile, dst_crs, height, width, nodata,
-                                                  plan.nodata, Resampling.bilinear, plan.offset, target)
+            data = self._plain_read(href, indexes, tile, dst_crs, height, width, nodata, plan.nodata, target)
+            bad = None
+            if data is None:
+                data, bad = self._read_asset(href, indexes, tile, dst_crs, height, width, nodata,
+                                             plan.nodata, Resampling.bilinear, target)
             if len(plan.reads) == 1:
-                out, invalid, raw_invalid = data, bad, raw_bad  # one asset holds every band: no copy
+                out = data  # one asset holds every band: no copy
             else:
                 assert out is not None
-                if invalid is None or raw_invalid is None:
-                    invalid = np.zeros((height, width), dtype=bool)
-                    raw_invalid = np.zeros((height, width), dtype=bool) if plan.offset else invalid
                 if data is not target:
                     out[positions] = data
+            if bad is None:
+                zeros_of.append(positions)
+            elif invalid is None:
+                invalid = bad  # a fresh mask of this read: owned here
+            else:
                 invalid |= bad
-                if raw_invalid is not invalid:
-                    raw_invalid |= raw_bad
-        assert out is not None and invalid is not None and raw_invalid is not None
-        return out, invalid, raw_invalid
+        assert out is not None
+        if zeros_of:
+            every = len(zeros_of) == len(plan.reads)
+            zeros = _zeros(out if every else out[[i for pos in zeros_of for i in pos]])
+            invalid = zeros if invalid is None else invalid | zeros
+        assert invalid is not None
+        if plan.offset:
+            _remove_offset(out, plan.offset)
+        return out, invalid
+
+    def _plain_read(self, href: str, indexes: list[int], tile: TileSpec, dst_crs: CRS, height: int, width: int,
+                    nodata: float | None, default_nodata: float, target: np.ndarray | None) -> np.ndarray | None:
+        """The hot path of a warm reader, or None for anything else.
+
+        A window read of an open uint16, zero-nodata, unmasked asset whose grid the tile lies on. None sends the
+        read to :meth:`_read_asset`, which opens, re-signs after a 403 and reports errors.
+        """
+        entry = self._open.get(href)
+        if entry is None or not entry.plain:
+            return None
+        src_nodata = nodata if nodata is not None else entry.nodata
+        if (default_nodata if src_nodata is None else src_nodata) != 0:
+            return None
+        if not entry.same_crs(tile.crs, dst_crs):
+            return None
+        # The bands of one chip usually share a grid: place the tile once per chip, not once per band asset.
+        last = self._last_placement
+        if last is not None and last[0] is tile and last[1] == entry._grid:
+            window = last[2]
+        else:
+            win, inside, same_grid = entry.placement(tile.bounds, width, height)
+            window = win if inside and same_grid else None
+            self._last_placement = (tile, entry._grid, window)
+        if window is None:
+            return None
+        self._open.move_to_end(href)
+        try:
+            return entry.ds.read(indexes, window=window, out=target)
+        except (RasterioError, OSError):
+            return None  # the general path retries once (re-signing on a 403) and reports the error redacted
 
     def _cloud_fraction(self, cloud: tuple[str, CloudMask], tile: TileSpec, dst_crs: CRS, height: int,
                         width: int, invalid: np.ndarray, classes: Sequence[int] | None) -> float:
         href, mask = cloud
-        qa, qa_bad, _ = self._read_asset(href, [1], tile, dst_crs, height, width, mask.nodata, mask.nodata,
-                                         Resampling.nearest, 0)
-        valid = ~(invalid | qa_bad)
+        qa, qa_bad = self._read_asset(href, [1], tile, dst_crs, height, width, mask.nodata, mask.nodata,
+                                      Resampling.nearest)
+        valid = ~(invalid | (_zeros(qa) if qa_bad is None else qa_bad))
         n_valid = int(np.count_nonzero(valid))
         if mask.bits:
             bits = sum(1 << b for b in mask.bits)
@@ -528,20 +615,19 @@ class ChipReader:
         return plan
 
     def _read_asset(self, href: str, indexes: list[int], tile: TileSpec, dst_crs: CRS, height: int,
-                    width: int, nodata: float | None, default_nodata: float,
-                    resampling: Resampling, offset: int,
-                    target: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Read ``indexes`` of one asset onto the tile grid, removing ``offset`` (harmonisation).
+                    width: int, nodata: float | None, default_nodata: float, resampling: Resampling,
+                    target: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Read ``indexes`` of one asset onto the tile grid as uint16 (no harmonisation: see :meth:`_read_bands`).
 
         ``target``: a uint16 ``len(indexes) x height x width`` view to read into when the read is a plain
         window read of uint16 data (the returned data is then ``target`` itself).
 
         Returns:
-            ``(data, invalid, invalid before removing the offset)``: pixels made 0 (nodata) by the offset
-            count as invalid.
+            ``(data, invalid)``: invalid are the asset's nodata/masked pixels, None for "its zeros" (see
+            :func:`_invalid`).
         """
 
-        def read(entry: _OpenDataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        def read(entry: _OpenDataset) -> tuple[np.ndarray, np.ndarray | None]:
             src = entry.ds
             if entry.crs is None:
                 raise ChipReadError(f"{redact_url(href)} has no CRS (no georeferencing): it cannot be placed on "
@@ -551,10 +637,7 @@ class ChipReader:
                 src_nodata = default_nodata
             has_mask = bool(entry.mask_flags[indexes[0] - 1] & _MASK_OR_ALPHA)
             if entry.same_crs(tile.crs, dst_crs):
-                c0, r0, w, h = entry.window(tile.bounds)
-                inside = c0 >= -1e-6 and r0 >= -1e-6 and c0 + w <= src.width + 1e-6 and r0 + h <= src.height + 1e-6
-                same_grid = _is_integer(c0, r0, w, h) and round(w) == width and round(h) == height
-                window = Window(round(c0), round(r0), width, height) if same_grid else Window(c0, r0, w, h)
+                window, inside, same_grid = entry.placement(tile.bounds, width, height)
                 rs = Resampling.nearest if same_grid else resampling
                 if inside and same_grid:
                     if target is not None and entry.uint16:
@@ -576,45 +659,57 @@ class ChipReader:
                                resampling=resampling, src_nodata=src_nodata, nodata=src_nodata) as vrt:
                     data = vrt.read(indexes)
                     masks = vrt.read_masks(indexes) if has_mask else None
-            return _invalid_and_harmonize(data, src_nodata, masks, offset)
+            bad = _invalid(data, src_nodata, masks)
+            return _to_uint16(data), bad
 
         return self._with_dataset(href, read)
 
 
-def _invalid_and_harmonize(data: np.ndarray, src_nodata: float, masks: np.ndarray | None,
-                           offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """uint16 data with ``offset`` removed, the invalid mask after and before removing it."""
+def _invalid(data: np.ndarray, src_nodata: float, masks: np.ndarray | None) -> np.ndarray | None:
+    """The invalid (nodata or masked) pixels of one read, or None for "the zeros" (unsigned data, nodata 0, no mask).
+
+    None lets the caller find the zeros of every band of a chip in one pass (:func:`_zeros`) instead of per read.
+    """
     if data.dtype.kind == "u" and src_nodata == 0:
-        mn = data[0] if len(data) == 1 else data.min(axis=0)  # unsigned: any band == 0  <=>  min == 0
-        raw_bad = mn == 0
-        bad = (mn <= offset) if offset else raw_bad
-        data = _to_uint16(data)
+        if masks is None:
+            return None
+        bad = _zeros(data)
+    elif np.isnan(src_nodata):
+        bad = np.isnan(data).any(axis=0)
     else:
-        if np.isnan(src_nodata):
-            raw_bad = np.isnan(data).any(axis=0)
-        else:
-            nd = data.dtype.type(src_nodata) if data.dtype.kind in "ui" and float(src_nodata).is_integer() \
-                else src_nodata
-            raw_bad = (data == nd).any(axis=0)
-        data = _to_uint16(data)
-        bad = (raw_bad | (data.min(axis=0) <= offset)) if offset else raw_bad
+        nd = data.dtype.type(src_nodata) if data.dtype.kind in "ui" and float(src_nodata).is_integer() else src_nodata
+        bad = (data == nd).any(axis=0)
     if masks is not None:
-        masked = np.any(masks == 0, axis=0)
-        raw_bad = raw_bad | masked
-        bad = bad | masked if offset else raw_bad
-    if offset:
-        np.maximum(data, offset, out=data)  # values below the offset clip to 0 (and 0 stays 0)
-        data -= offset
-    return data, bad, raw_bad
+        bad |= np.any(masks == 0, axis=0)
+    return bad
+
+
+def _zeros(data: np.ndarray) -> np.ndarray:
+    """Pixels where any band is 0 (unsigned data: the minimum over bands is 0)."""
+    return (data[0] if len(data) == 1 else data.min(axis=0)) == 0
+
+
+def _remove_offset(data: np.ndarray, offset: int) -> None:
+    """Remove the Sentinel-2 offset in place.
+
+    Valid values at or below it (negative reflectance: water and shadow in the infrared bands) become 1, never 0,
+    so that 0 stays the chip's nodata. Invalid pixels are set to nodata by the caller afterwards.
+    """
+    np.maximum(data, offset + 1, out=data)
+    data -= offset
+
+
+def _clipped_fraction(out: np.ndarray, bands: Sequence[str], invalid: np.ndarray) -> float:
+    """Fraction of the valid pixels whose visible bands (all bands without one) were clipped to 1 by the offset."""
+    idx = [i for i, b in enumerate(bands) if b in VISIBLE_BANDS] or list(range(len(bands)))
+    clipped = np.all(out[idx] <= 1, axis=0)
+    n_valid = invalid.size - np.count_nonzero(invalid)
+    return float(np.count_nonzero(clipped & ~invalid) / n_valid) if n_valid else 0.0
 
 
 @functools.lru_cache(maxsize=256)
 def _parse_crs(crs: str) -> CRS:
     return CRS.from_user_input(crs)
-
-
-def _is_integer(*values: float, tol: float = 1e-6) -> bool:
-    return all(abs(v - round(v)) < tol for v in values)
 
 
 def _to_uint16(data: np.ndarray) -> np.ndarray:

@@ -161,8 +161,14 @@ def _block_id(poly_lonlat: shapely.Geometry, block_tiles: int) -> str:
     return f"item-z{zoom}-{bx}-{by}"
 
 
+MAX_ITEM_TILE_PX = 4096
+"""Largest side (pixels) of an item tile: each sample reads its tile whole, so a full scene (a 10980 px Sentinel-2
+tile) as one tile would read ~2.4 GB per sample; such items belong on a ``utm`` or ``xyz`` grid."""
+
+
 def item_tile_rows(items: gpd.GeoDataFrame, item_dicts: Mapping[str, Mapping[str, Any]],
-                   region: shapely.Geometry, block_tiles: int) -> list[dict[str, Any]]:
+                   region: shapely.Geometry, block_tiles: int,
+                   max_px: int = MAX_ITEM_TILE_PX) -> list[dict[str, Any]]:
     """One tile row per item whose raster intersects the region (``TILE_COLUMNS`` less ``split``).
 
     Args:
@@ -170,9 +176,11 @@ def item_tile_rows(items: gpd.GeoDataFrame, item_dicts: Mapping[str, Mapping[str
         item_dicts: the items' STAC JSON by item id (the projection fields live there).
         region: the region polygon (EPSG:4326).
         block_tiles: the split's block size in tiles.
+        max_px: the largest tile side in pixels (:data:`MAX_ITEM_TILE_PX`).
 
     Raises:
-        ValueError: an item has no JSON or no usable grid, or two item ids give one tile id.
+        ValueError: an item has no JSON or no usable grid, a raster larger than ``max_px``, or two item ids give one
+            tile id.
     """
     rows: list[dict[str, Any]] = []
     owner: dict[str, str] = {}
@@ -181,6 +189,10 @@ def item_tile_rows(items: gpd.GeoDataFrame, item_dicts: Mapping[str, Mapping[str
         if item_id not in item_dicts:
             raise ValueError(f"item {item_id} is in items.parquet but not in items.json (a stale STAC stage?)")
         grid = item_grid(item_dicts[item_id])
+        if max(grid.width, grid.height) > max_px:
+            raise ValueError(f"item {item_id}: its raster is {grid.width}x{grid.height} px, and an item tile is read "
+                             f"whole for every sample (at most {max_px} px per side): cut it into tiles first, or "
+                             f"use tile_grid kind utm or xyz for whole scenes")
         tile_id = item_tile_id(item_id)
         if tile_id in owner:
             raise ValueError(f"items {owner[tile_id]!r} and {item_id!r} give the same tile id {tile_id!r} "
@@ -201,4 +213,4 @@ def item_tile_rows(items: gpd.GeoDataFrame, item_dicts: Mapping[str, Mapping[str
     return rows
 
 
-__all__ = ["ItemGrid", "item_grid", "item_tile_id", "item_tile_rows"]
+__all__ = ["MAX_ITEM_TILE_PX", "ItemGrid", "item_grid", "item_tile_id", "item_tile_rows"]

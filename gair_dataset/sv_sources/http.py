@@ -5,20 +5,34 @@
 * An invalid or expired token (HTTP 401/403, or a Graph API ``OAuthException``/code 190 error body) raises
   :class:`AuthError` at once: retrying cannot fix it.
 * Messages never carry a query string (Mapillary paging links and signed image URLs hold tokens or signatures):
-  see :func:`redact_url`.
+  see :func:`redact_url`. :func:`make_session` installs a log filter redacting credentials in the loggers the
+  session writes to (urllib3 logs request targets with their query at DEBUG).
+* An image URL refused with 401/403 (a signed CDN link that expired) is an :class:`ApiError` naming the URL as
+  expired or forbidden, not a refused token (``get(..., refusal="url")``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
+import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from gair_dataset.signing import install_redacting_log_filter
+
 RETRY_STATUSES = (429, 500, 502, 503, 504)
+#: The loggers an API session (and these modules) write to; each gets a redacting filter (a logger's filter only
+#: sees records made at that logger, so every one is named).
+SESSION_LOGGERS = (
+    "urllib3.connectionpool", "urllib3.connection", "urllib3.poolmanager", "urllib3.response", "urllib3.util.retry",
+    "requests", "gair_dataset.sv_sources.http", "gair_dataset.sv_sources.common", "gair_dataset.sv_sources.images",
+    "gair_dataset.sv_sources.mapillary", "gair_dataset.sv_sources.panoramax",
+)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class ApiError(RuntimeError):
@@ -52,8 +66,24 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
+def origin(url: str) -> tuple[str, str, int | None]:
+    """``(scheme, host, port)`` of ``url``, lower case, the default port filled in (``http`` -> 80)."""
+    parts = urlsplit(str(url))
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:  # a malformed port never matches a real origin
+        port = -1
+    return scheme, (parts.hostname or "").lower(), port if port is not None else _DEFAULT_PORTS.get(scheme)
+
+
 def make_session(settings: HttpSettings | None = None) -> requests.Session:
-    """A session retrying GETs on 429/5xx and connection errors with backoff, honouring ``Retry-After``."""
+    """A session retrying GETs on 429/5xx and connection errors with backoff, honouring ``Retry-After``.
+
+    Also installs (once) a log filter that redacts credential query parameters, signed-URL queries and
+    ``Authorization``/``OAuth`` values in :data:`SESSION_LOGGERS`.
+    """
+    install_redacting_log_filter(SESSION_LOGGERS)
     settings = settings or HttpSettings()
     cap = settings.max_retry_after_s
 
@@ -89,7 +119,7 @@ def _error_text(resp: requests.Response) -> tuple[str, Any]:
 
 def get(session: requests.Session, url: str, *, what: str, params: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None, timeout: float = 30.0, token_env: str | None = None,
-        stream: bool = False) -> requests.Response:
+        stream: bool = False, refusal: Literal["token", "url"] = "token") -> requests.Response:
     """GET with the session's retries; raise :class:`AuthError`/:class:`ApiError` with a readable cause.
 
     Args:
@@ -101,13 +131,15 @@ def get(session: requests.Session, url: str, *, what: str, params: dict[str, Any
         timeout: seconds.
         token_env: the environment variable the token came from, named in an :class:`AuthError`.
         stream: stream the body.
+        refusal: what a 401/403 means: ``"token"`` (the API refused the credentials: :class:`AuthError`) or
+            ``"url"`` (the URL itself is refused, e.g. a signed image link that expired: :class:`ApiError`).
     """
     where = redact_url(url)
     try:
         resp = session.get(url, params=params, headers=headers, timeout=timeout, stream=stream)
     except requests.exceptions.RetryError as exc:
         raise ApiError(f"{what}: {where} kept failing after retries ({type(exc.__cause__ or exc).__name__})") from None
-    except requests.RequestException as exc:
+    except (OSError, urllib3.exceptions.HTTPError) as exc:  # requests.RequestException is an OSError
         raise ApiError(f"{what}: {where} unreachable ({type(exc).__name__})") from None
     if resp.ok:
         return resp
@@ -117,6 +149,9 @@ def get(session: requests.Session, url: str, *, what: str, params: dict[str, Any
         secret = str(value).split()[-1] if value else ""
         if len(secret) >= 8:
             message = message.replace(secret, "***")
+    if refusal == "url" and resp.status_code in (401, 403):
+        raise ApiError(f"{what}: image URL expired or forbidden: {where} answered HTTP {resp.status_code}"
+                       f"{f' ({message})' if message else ''}")
     if resp.status_code in (401, 403) or code == 190 or "OAuthException" in message:
         src = f" from ${token_env}" if token_env else ""
         raise AuthError(f"{what}: the access token{src} was refused by {where} (HTTP {resp.status_code}"

@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import requests
+import urllib3.exceptions
 
 from gair_dataset.atomic import atomic_write_bytes
-from gair_dataset.sv_sources.http import ApiError, get
+from gair_dataset.sv_sources.http import ApiError, get, redact_url
 from gair_dataset.svimage import image_problem
 
 
@@ -44,15 +45,21 @@ class ImageCache:
         """The cached image of ``sv_id``, downloaded from ``url`` when not cached yet.
 
         Raises:
-            ApiError: the download failed or did not decode as an image (the URL is named without its query).
+            ApiError: the download failed (HTTP error, a 401/403 on the image URL, a connection reset or read timeout
+                while the body streamed) or did not decode as an image (the URL is named without its query).
         """
         dest = self.path(sv_id)
         if dest.is_file() and dest.stat().st_size > 0:
             self.hits += 1
             return dest
-        resp = get(self.session, url, what=what, headers=headers, timeout=self.timeout_s, stream=True)
-        with resp:
-            data = resp.raw.read(self.max_bytes + 1, decode_content=True)
+        resp = get(self.session, url, what=what, headers=headers, timeout=self.timeout_s, stream=True,
+                   refusal="url")
+        try:
+            with resp:
+                data = resp.raw.read(self.max_bytes + 1, decode_content=True)
+        except (OSError, urllib3.exceptions.HTTPError, requests.RequestException) as exc:
+            # The body streams after the retries: a reset, a read timeout or a short body end up here.
+            raise ApiError(f"{what}: download from {redact_url(url)} interrupted ({type(exc).__name__})") from None
         if len(data) > self.max_bytes:
             raise ApiError(f"{what}: image larger than {self.max_bytes} bytes")
         problem = image_problem(data)

@@ -5,7 +5,9 @@
 "compass_angle", "thumb_1024_url", "creator": {"username", "id"}}, ...], "paging": {"next": url}}``; the token goes
 in an ``Authorization: OAuth <token>`` header (never in a URL we build). Thumbnail URLs are signed and expire, so
 images are downloaded now and ``source_url`` keeps the permanent ``mapillary.com/app/?pKey=<id>`` link instead.
-Mapillary imagery is CC-BY-SA 4.0; attribution is the creator's username.
+Mapillary imagery is CC-BY-SA 4.0; attribution is the creator's username. ``paging.next`` is followed only on the
+API's own scheme/host/port and never twice (:func:`gair_dataset.sv_sources.common.next_page`), without the
+``access_token`` the Graph API echoes into it.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import pandas as pd
 import requests
 
-from gair_dataset.sv_sources.common import download_images, raw_text, reject, split_bbox
+from gair_dataset.signing import strip_token_params
+from gair_dataset.sv_sources.common import ItemCollector, download_images, next_page, page_url, split_bbox
 from gair_dataset.sv_sources.http import ApiError, get_json
 from gair_dataset.sv_sources.images import ImageCache
 
@@ -58,7 +62,7 @@ def _record(item: dict[str, Any], thumb_field: str) -> tuple[dict[str, Any] | No
         "captured_at": _ms_to_iso(item.get("captured_at")),
         "source": "mapillary", "license": MAPILLARY_LICENSE,
         "attribution": f"{username}, Mapillary" if username else "Mapillary contributors",
-        "source_url": f"https://www.mapillary.com/app/?pKey={item['id']}",
+        "source_url": f"https://www.mapillary.com/app/?pKey={quote(str(item['id']), safe='')}",
         "image_url": url,
     }, None
 
@@ -71,7 +75,8 @@ def search_mapillary(bbox: tuple[float, float, float, float], *, token: str, ses
 
     Raises:
         AuthError: the token was refused (expired, invalid).
-        ApiError: the API kept failing (after retries) or answered something else than documented.
+        ApiError: the API kept failing (after retries), answered something else than documented, or a
+            ``paging.next`` link named another host (the token is never sent there) or a page already read.
     """
     size = image_size or "thumb_1024"
     if size not in THUMB_SIZES:
@@ -79,41 +84,28 @@ def search_mapillary(bbox: tuple[float, float, float, float], *, token: str, ses
     thumb_field = f"{size}_url"
     headers = {"Authorization": f"OAuth {token}"}
     fields = f"id,geometry,computed_geometry,captured_at,compass_angle,{thumb_field},creator"
-    records: dict[str, dict[str, Any]] = {}
-    rejects: list[dict[str, Any]] = []
-    rejected: set[str] = set()
-
-    def rec_id_seen(item_id: Any) -> bool:  # an item may come back in two cells: reject it once
-        seen = str(item_id) in rejected
-        rejected.add(str(item_id))
-        return seen
+    api = (base_url or MAPILLARY_URL).rstrip("/")
+    items = ItemCollector("Mapillary", "mly-", lambda item: _record(item, thumb_field),
+                          drop=[f"{s}_url" for s in THUMB_SIZES])
+    seen: set[str] = set()
     for cell in split_bbox(bbox, cell_deg):
-        url: str | None = f"{(base_url or MAPILLARY_URL).rstrip('/')}/images"
+        url: str | None = f"{api}/images"
         params: dict[str, Any] | None = {"bbox": ",".join(f"{v:.7f}" for v in cell), "fields": fields,
                                          "limit": page_size}
-        while url and (max_points is None or len(records) < max_points):
+        while url and (max_points is None or len(items.records) < max_points):
+            seen.add(page_url(url, params))
             page = get_json(session, url, what=_WHAT, params=params, headers=headers, timeout=timeout_s,
                             token_env=token_env)
             if not isinstance(page, dict) or not isinstance(page.get("data"), list):
                 got = sorted(page)[:8] if isinstance(page, dict) else type(page).__name__
                 raise ApiError(f"{_WHAT}: answer without a 'data' list (got {got})")
             for item in page["data"]:
-                if not isinstance(item, dict) or "id" not in item:
-                    rejects.append(reject(None, "Mapillary item without id", raw_text(item)))
-                    continue
-                rec, why = _record(item, thumb_field)
-                if rec is None and rec_id_seen(item["id"]):
-                    continue
-                if rec is None:
-                    rejects.append(reject(f"mly-{item['id']}", f"Mapillary item unusable: {why}",
-                                          raw_text(item, drop=[f"{s}_url" for s in THUMB_SIZES])))
-                elif rec["sv_id"] not in records:
-                    rec["raw"] = raw_text(item, drop=[f"{s}_url" for s in THUMB_SIZES])
-                    records[rec["sv_id"]] = rec
+                items.add(item)
             nxt = (page.get("paging") or {}).get("next")
-            url, params = (str(nxt), None) if nxt else (None, None)
-    out = list(records.values())
-    return (out[:max_points] if max_points is not None else out), rejects
+            # The graph API echoes access_token into paging.next: the header carries it, the URL need not.
+            url = next_page(strip_token_params(str(nxt)) if nxt else None, api_base=api, seen=seen, what=_WHAT)
+            params = None
+    return items.result(max_points)
 
 
 def fetch_mapillary(bbox: tuple[float, float, float, float], *, token: str, session: requests.Session,

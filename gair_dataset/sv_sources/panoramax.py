@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import math
 from typing import Any
-from urllib.parse import urlsplit
 
 import pandas as pd
 import requests
 
-from gair_dataset.sv_sources.common import download_images, raw_text, reject
+from gair_dataset.sv_sources.common import ItemCollector, download_images, next_page, page_url
 from gair_dataset.sv_sources.http import ApiError, get_json, redact_url
 from gair_dataset.sv_sources.images import ImageCache
 
@@ -85,39 +84,29 @@ def search_panoramax(bbox: tuple[float, float, float, float], *, session: reques
 
     Raises:
         AuthError: a token was required and refused.
-        ApiError: the API kept failing (after retries) or answered something else than a FeatureCollection.
+        ApiError: the API kept failing (after retries), answered something else than a FeatureCollection, or a
+            ``rel=next`` link named another host or a page already read.
     """
     size = image_size or "sd"
     if size not in ASSET_SIZES:
         raise ValueError(f"Panoramax image_size must be one of {ASSET_SIZES}, got {size!r}")
-    url: str | None = f"{(base_url or PANORAMAX_URL).rstrip('/')}/search"
+    api = (base_url or PANORAMAX_URL).rstrip("/")
+    url: str | None = f"{api}/search"
     params: dict[str, Any] | None = {"bbox": ",".join(f"{v:.7f}" for v in bbox), "limit": page_size}
-    records: dict[str, dict[str, Any]] = {}
-    rejects: list[dict[str, Any]] = []
-    seen_pages: set[str] = set()
-    while url and (max_points is None or len(records) < max_points):
+    items = ItemCollector("Panoramax", "pnx-", lambda item: _record(item, size))
+    seen: set[str] = set()
+    while url and (max_points is None or len(items.records) < max_points):
+        seen.add(page_url(url, params))
         page = get_json(session, url, what=_WHAT, params=params, headers=headers, timeout=timeout_s,
                         token_env=token_env)
         if not isinstance(page, dict) or not isinstance(page.get("features"), list):
             raise ApiError(f"{_WHAT}: {redact_url(url)} did not answer a FeatureCollection")
         for item in page["features"]:
-            if not isinstance(item, dict) or "id" not in item:
-                rejects.append(reject(None, "Panoramax item without id", raw_text(item)))
-                continue
-            rec, why = _record(item, size)
-            if rec is None:
-                rejects.append(reject(f"pnx-{item['id']}", f"Panoramax item unusable: {why}", raw_text(item)))
-            elif rec["sv_id"] not in records:
-                rec["raw"] = raw_text(item)
-                records[rec["sv_id"]] = rec
+            items.add(item)
         nxt = _link(page.get("links"), "next")
-        url, params = (str(nxt["href"]), None) if nxt else (None, None)
-        if url in seen_pages:  # a server that links a page to itself would loop forever
-            raise ApiError(f"{_WHAT}: rel=next points back to a page already read ({redact_url(url)})")
-        if url:
-            seen_pages.add(url)
-    out = list(records.values())
-    return (out[:max_points] if max_points is not None else out), rejects
+        url = next_page(nxt["href"] if nxt else None, api_base=api, seen=seen, what=_WHAT)
+        params = None
+    return items.result(max_points)
 
 
 def fetch_panoramax(bbox: tuple[float, float, float, float], *, session: requests.Session, cache: ImageCache,
@@ -142,7 +131,7 @@ def fetch_panoramax(bbox: tuple[float, float, float, float], *, session: request
     records, rejects = search_panoramax(bbox, session=session, base_url=base_url, page_size=page_size,
                                         max_points=max_points, image_size=image_size, headers=headers,
                                         token_env=token_env, timeout_s=timeout_s)
-    api_host = urlsplit(base_url or PANORAMAX_URL).netloc
-    points, failed = download_images(records, cache, what="Panoramax", headers=headers, auth_host=api_host)
+    points, failed = download_images(records, cache, what="Panoramax", headers=headers,
+                                     auth_host=base_url or PANORAMAX_URL)
     rows: list[dict[Any, Any]] = [*rejects, *failed.to_dict("records")]
     return points, pd.DataFrame(rows, columns=failed.columns)

@@ -75,16 +75,41 @@ def test_harmonisation_baseline_04(s2_patch: Path) -> None:
     res = read_chip(s2_item(s2_patch, baseline="05.10"), tile)
     assert res.ok and res.harmonized and res.processing_baseline == "05.10"
     ref = full[[S2_IDX[b] for b in S2_L2A_BANDS], :64, :64].astype(np.int32)
-    np.testing.assert_array_equal(res.array, np.clip(ref - 1000, 0, None).astype(np.uint16))
+    np.testing.assert_array_equal(res.array, np.clip(ref - 1000, 1, None).astype(np.uint16))
 
 
 def test_harmonize_keeps_nodata_and_clips() -> None:
     a = np.array([0, 500, 1000, 1001, 5000], dtype=np.uint16)
-    np.testing.assert_array_equal(harmonize_s2(a.copy()), [0, 0, 0, 1, 4000])
+    np.testing.assert_array_equal(harmonize_s2(a.copy()), [0, 1, 1, 1, 4000])  # dark stays valid, 0 is nodata
     assert needs_s2_harmonization({"properties": {"s2:processing_baseline": "04.00"}})
     assert needs_s2_harmonization({"properties": {"s2:processing_baseline": "05.10"}})
     assert not needs_s2_harmonization({"properties": {"s2:processing_baseline": "03.01"}})
     assert not needs_s2_harmonization({"properties": {}})
+
+
+def test_offset_data_with_dark_infrared_stays_valid(s2_patch: Path, tmp_path: Path) -> None:
+    """Water/shadow: with the +1000 offset present, NIR/SWIR at or below 1000 are valid dark pixels, not nodata."""
+    with rasterio.open(s2_patch) as src:
+        data, prof = src.read()[:, :32, :32].astype(np.int32), src.profile
+    with_offset = np.clip(data + 1000, 0, 65535).astype(np.uint16)
+    for b in ("B08", "B8A", "B11", "B12"):  # the top half: water, infrared below +1000 (negative reflectance)
+        with_offset[S2_IDX[b], :16] = 990
+    with_offset[:, 31, 31] = 0  # one real nodata pixel
+    path = tmp_path / "offset.tif"
+    with rasterio.open(path, "w", **{**prof, "width": 32, "height": 32, "nodata": 0,
+                                     "transform": prof["transform"]}) as dst:
+        dst.write(with_offset)
+    with rasterio.open(path) as src:
+        tile = tile_at(src, 0, 0, 32, 32)
+    res = read_chip(s2_item(path, baseline="04.00"), tile)
+    assert res.ok, res.rejected_reason
+    assert res.nodata_fraction == pytest.approx(1 / 1024) and res.harmonize_clipped == 0.0
+    nir = res.array[res.bands.index("B08")]
+    assert (nir[:16] == 1).all()  # clipped to 1 (valid), never 0 (nodata)
+    assert (res.array[:, 31, 31] == 0).all()  # the nodata pixel stays nodata
+    expected = np.maximum(with_offset[S2_IDX["B04"]].astype(np.int32) - 1000, 1)
+    expected[31, 31] = 0
+    np.testing.assert_array_equal(res.array[res.bands.index("B04")], expected)
 
 
 def test_tile_crossing_raster_edge(s2_patch: Path) -> None:

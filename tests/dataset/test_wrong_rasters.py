@@ -66,8 +66,8 @@ def test_harmonising_harmonised_pixels_is_named(shared_data: Path, tmp_path: Pat
     item = _item("already-harmonised", src_path, **{"s2:processing_baseline": "05.09"})
     with ChipReader() as reader:
         res = reader.read(item, tile)
-        assert not res.ok and res.harmonize_zeroed > 0.3
-        assert "before removing the +1000 offset of baseline 05.09" in res.rejected_reason
+        assert not res.ok and res.harmonize_clipped > 0.3 and res.nodata_fraction == 0.0
+        assert res.rejected_reason.startswith("already_harmonised: removing the +1000 offset of baseline 05.09")
         assert "'already-harmonised' may already be harmonised" in res.rejected_reason
         assert "offset_removed" in res.rejected_reason
         assert "may already be harmonised" in caplog.text

@@ -225,3 +225,18 @@ def test_tile_grid_asset_refuses_a_duplicate_item_id_and_writes_nothing(tmp_path
         dg.materialize([tile_grid], partition_key="sample-lund", resources={"data_root": root})
     tiles_dir = tmp_path / "data" / "tiles" / "sample-lund"
     assert not tiles_dir.exists() or list(tiles_dir.iterdir()) == []
+
+
+def test_a_whole_scene_as_an_item_tile_is_refused_with_the_way_out(folder):
+    from gair_dataset.item_tiles import item_tile_rows
+
+    path, bounds = folder
+    items = search_folder(FolderCatalog(path), _params(bounds))
+    gdf = items_to_geodataframe(items)
+    scene = {**items[0], "properties": {**items[0]["properties"], "proj:shape": [10980, 10980]}}
+    dicts = {str(d["id"]): d for d in items} | {str(scene["id"]): scene}
+    if "proj:transform" not in scene["properties"]:
+        pytest.skip("folder items carry no proj:transform")
+    with pytest.raises(ValueError, match=rf"item {scene['id']}: its raster is 10980x10980 px.*use tile_grid kind utm"):
+        item_tile_rows(gdf, dicts, _params(bounds).area(), 1)
+    assert item_tile_rows(gdf, {str(d["id"]): d for d in items}, _params(bounds).area(), 1)  # the real tiles pass

@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -26,18 +22,7 @@ import rasterio
 
 from tests.conftest import shared_path
 from tests.pairing.item_tile_fixtures import PX, SIDE, write_tiles
-
-REPO = Path(__file__).resolve().parents[2]
-RUN = """
-import dagster as dg
-from pipelines.definitions import defs
-result = defs.resolve_job_def("build_dataset").execute_in_process(
-    partition_key="user-tiles", instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
-checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-print("CHECKS", checks)
-raise SystemExit(0 if result.success and all(checks.values()) else 1)
-"""
-
+from tests.run_helpers import run_build_dataset
 
 #: collection -> (1-based bands of the patch written per tile, 0-based bands of the file each sample holds)
 LAYOUTS = {"naip": ([4, 3, 2, 8], [0, 1, 2, 3]),
@@ -68,11 +53,9 @@ regions:
     split: {{block_tiles: 1, val_fraction: 0.0, test_fraction: 0.0, seed: 0}}
     streetview: {{kind: table, path: points.csv}}
 """)
-    env = {**os.environ, "GAIR_REGIONS": str(tmp_path / "regions.yaml"), "GAIR_DATA_ROOT": str(tmp_path / "data"),
-           "GAIR_STAC_CATALOG": f"folder:{tmp_path / 'tiles'}"}
-    proc = subprocess.run([sys.executable, "-c", RUN], check=False, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_build_dataset("user-tiles", env={"GAIR_REGIONS": str(tmp_path / "regions.yaml"),
+                                         "GAIR_DATA_ROOT": str(tmp_path / "data"),
+                                         "GAIR_STAC_CATALOG": f"folder:{tmp_path / 'tiles'}"})
 
     data = tmp_path / "data"
     tiles = pd.read_parquet(data / "tiles" / "user-tiles" / "tiles.parquet")

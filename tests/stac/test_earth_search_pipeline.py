@@ -9,28 +9,14 @@ pairs -> shards with their blocking checks.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from tests.conftest import shared_path
+from tests.run_helpers import run_build_dataset
 from tests.stac.test_earth_search import BBOX, FIXTURES, write_rasters
-
-REPO = Path(__file__).resolve().parents[2]
-RUN = """
-import dagster as dg
-from pipelines.definitions import defs
-result = defs.resolve_job_def("build_dataset").execute_in_process(
-    partition_key="es-region", instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
-checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-print("CHECKS", checks)
-raise SystemExit(0 if result.success and all(checks.values()) else 1)
-"""
 
 
 @pytest.mark.slow
@@ -58,11 +44,9 @@ regions:
     split: {{block_tiles: 1, val_fraction: 0.2, test_fraction: 0.2, seed: 0}}
     streetview: {{kind: table, path: points.csv}}
 """)
-    env = {**os.environ, "GAIR_REGIONS": str(tmp_path / "regions.yaml"), "GAIR_DATA_ROOT": str(tmp_path / "data"),
-           "GAIR_STAC_CATALOG": str(folder / "items.ndjson")}
-    proc = subprocess.run([sys.executable, "-c", RUN], check=False, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_build_dataset("es-region", env={"GAIR_REGIONS": str(tmp_path / "regions.yaml"),
+                                        "GAIR_DATA_ROOT": str(tmp_path / "data"),
+                                        "GAIR_STAC_CATALOG": str(folder / "items.ndjson")})
     data = tmp_path / "data"
     found = pd.read_parquet(data / "stac" / "es-region" / "items.parquet")
     assert set(found.collection) == {"sentinel-2-l2a", "landsat-c2-l2"}  # neither rejected for the other's assets

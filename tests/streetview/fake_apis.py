@@ -5,7 +5,13 @@
   ``{"error": {"type": "OAuthException", "code": 190, ...}}``, none HTTP 401. Thumbnails are "signed" URLs.
 * ``GET /panoramax/api/search?bbox=&limit=[&page=]`` -> a FeatureCollection of picture items (assets
   ``hd``/``sd``/``thumb``, ``license``, ``providers``, ``view:azimuth``) with a ``rel=next`` link.
-* Faults: :meth:`FakeApis.fail_next` queues statuses (429 with ``Retry-After``, 5xx) for a route.
+* Faults: :meth:`FakeApis.fail_next` queues statuses (429 with ``Retry-After``, 5xx) for a route;
+  ``image_modes`` breaks single images (``truncate``: short body, ``reset``: TCP reset mid-body, ``stall``: body
+  stops for ``stall_s``, ``forbidden``: 403 "signature expired", ``unauthorized``: 401); ``next_mode`` makes
+  ``next`` links point at the page just served (``repeat``) or at another host, ``localhost`` (``foreign``);
+  ``token_in_next`` echoes the token into Mapillary's ``paging.next`` as ``access_token`` (as the Graph API does);
+  ``href_query`` is appended to Panoramax asset and self hrefs (signed links). ``requests`` records
+  ``(Host, path?query, Authorization)`` of every request.
 
 Run ``python -m tests.streetview.fake_apis --port 8765`` to serve (for ``dg launch``); tokens: ``GOOD`` is valid,
 ``EXPIRED`` expired.
@@ -16,7 +22,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import socket
+import struct
 import threading
+import time
 from collections import Counter, defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -50,6 +59,12 @@ class FakeApis:
         self.expired_tokens = {"EXPIRED"}
         self.hits: Counter[str] = Counter()
         self.faults: dict[str, list[tuple[int, dict[str, str]]]] = defaultdict(list)
+        self.image_modes: dict[str, str] = {}
+        self.stall_s = 2.0
+        self.next_mode: str | None = None
+        self.token_in_next = False
+        self.href_query = ""
+        self.requests: list[tuple[str, str, str | None]] = []
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -68,6 +83,11 @@ class FakeApis:
         """Stop serving and close the socket."""
         self.server.shutdown()
         self.server.server_close()
+
+    def next_link(self, path: str, query: dict[str, str]) -> str:
+        """The ``next`` link to ``path?query``, on ``localhost`` instead of 127.0.0.1 when ``next_mode`` is foreign."""
+        base = self.base.replace("127.0.0.1", "localhost") if self.next_mode == "foreign" else self.base
+        return f"{base}{path}?{urlencode(query)}"
 
     def fail_next(self, route: str, status: int, times: int = 1, retry_after: str | None = None) -> None:
         """Answer the next ``times`` requests to ``route`` (``mapillary``, ``panoramax``, ``image``) with ``status``."""
@@ -104,9 +124,10 @@ class FakeApis:
             "properties": {"datetime": f"2023-05-{1 + i % 28:02d}T10:00:00+00:00", "view:azimuth": (i * 45) % 360,
                            "license": "CC-BY-SA-4.0", "geovisio:producer": f"prod{i % 2}",
                            "providers": [{"name": f"prod{i % 2}", "roles": ["producer"]}]},
-            "assets": {size: {"href": f"{self.base}/panoramax/pictures/{pid}/{size}.jpg", "type": "image/jpeg",
-                              "roles": ["data" if size == "hd" else "visual"]} for size in ("hd", "sd", "thumb")},
-            "links": [{"rel": "self", "href": f"{api}/collections/seq-1/items/{pid}"},
+            "assets": {size: {"href": f"{self.base}/panoramax/pictures/{pid}/{size}.jpg{self.href_query}",
+                              "type": "image/jpeg", "roles": ["data" if size == "hd" else "visual"]}
+                       for size in ("hd", "sd", "thumb")},
+            "links": [{"rel": "self", "href": f"{api}/collections/seq-1/items/{pid}{self.href_query}"},
                       {"rel": "license", "href": "https://spdx.org/licenses/CC-BY-SA-4.0.html"}],
         }
 
@@ -148,6 +169,7 @@ class _Handler(BaseHTTPRequestHandler):
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
         with self.fake.lock:
             self.fake.hits[url.path] += 1
+            self.fake.requests.append((self.headers.get("Host", ""), self.path, self.headers.get("Authorization")))
         if url.path == "/mapillary/images":
             self._mapillary(q)
         elif url.path == "/panoramax/api/search":
@@ -157,9 +179,31 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._json(404, {"message": f"no route {url.path}"})
 
+    def _broken_image(self, mode: str, body: bytes) -> None:
+        """Answer an image request the way ``mode`` breaks it."""
+        if mode in ("forbidden", "unauthorized"):
+            status = 403 if mode == "forbidden" else 401
+            return self._json(status, {"error": "URL signature expired" if status == 403 else "unauthorized"})
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 3])
+        self.wfile.flush()
+        if mode == "stall":
+            time.sleep(self.fake.stall_s)
+        elif mode == "reset":  # close with RST instead of FIN
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
+        return None
+
     def _image(self, path: str, q: dict[str, str]) -> None:
+        pid = path.split("/")[3] if path.startswith("/panoramax/") else path.rsplit("/", 1)[-1].split(".")[0]
+        mode = self.fake.image_modes.get(pid)
         if self._fault("image"):
             pass
+        elif mode:
+            self._broken_image(mode, _jpeg(sum(path.encode())))
         elif path.startswith("/mapillary/thumb/") and "_nc_oh" not in q:
             self._json(403, {"error": "URL signature expired"})
         elif path.endswith("0000-0003/sd.jpg"):
@@ -193,10 +237,13 @@ class _Handler(BaseHTTPRequestHandler):
         fields = set(q.get("fields", "id").split(","))
         page = [{k: v for k, v in it.items() if k in fields | {"id"}} for it in inside[start:start + limit]]
         doc: dict[str, Any] = {"data": page}
-        if start + limit < len(inside):
-            nq = {**q, "after": str(start + limit)}
+        repeat = self.fake.next_mode == "repeat" and self.fake.hits["/mapillary/images"] < 30  # bounded loop
+        if start + limit < len(inside) or repeat:
+            nq = dict(q) if repeat else {**q, "after": str(start + limit)}
+            if self.fake.token_in_next:
+                nq["access_token"] = token
             doc["paging"] = {"cursors": {"after": str(start + limit)},
-                             "next": f"{self.fake.base}/mapillary/images?{urlencode(nq)}"}
+                             "next": self.fake.next_link("/mapillary/images", nq)}
         return self._json(200, doc)
 
     def _panoramax(self, q: dict[str, str]) -> None:
@@ -206,10 +253,11 @@ class _Handler(BaseHTTPRequestHandler):
         feats = [self.fake.panoramax_item(i) for i in range(self.fake.n_points)][start:start + limit]
         links = [{"rel": "root", "href": f"{self.fake.base}/panoramax/api"},
                  {"rel": "self", "href": f"{self.fake.base}/panoramax/api/search?{urlencode(q)}"}]
-        if start + limit < self.fake.n_points:
-            nq = {**q, "page": str(start + limit)}
+        repeat = self.fake.next_mode == "repeat" and self.fake.hits["/panoramax/api/search"] < 30  # bounded loop
+        if start + limit < self.fake.n_points or repeat:
+            nq = q if repeat else {**q, "page": str(start + limit)}
             links.append({"rel": "next", "type": "application/geo+json",
-                          "href": f"{self.fake.base}/panoramax/api/search?{urlencode(nq)}"})
+                          "href": self.fake.next_link("/panoramax/api/search", nq)})
         self._json(200, {"type": "FeatureCollection", "features": feats, "links": links},
                    {"Content-Type": "application/geo+json"})
 
