@@ -11,21 +11,28 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 Signer = Callable[[str], str]
 
 _URL_WITH_QUERY = re.compile(r"((?:https?|s3|gs|az|abfss?)://[^\s?#'\"<>]+)\?[^\s'\"<>]*", re.IGNORECASE)
-#: Query parameters that carry a credential (Azure SAS, AWS/GCS signed URLs, API keys), lower case.
+#: Query parameters that carry a credential (Azure SAS, AWS/GCS signed URLs, API keys, OAuth tokens), lower case.
 TOKEN_PARAMS = frozenset({
     "st", "se", "sp", "sv", "sr", "sig", "skoid", "sktid", "skt", "ske", "sks", "skv", "spr", "sip", "si", "ss",
     "srt", "sdd", "ses", "token", "code", "signature", "subscription-key", "x-amz-signature", "x-amz-credential",
-    "x-amz-security-token", "x-goog-signature",
+    "x-amz-security-token", "x-goog-signature", "access_token", "client_id",
 })
 _TOKEN_PARAM = re.compile(
     r"\b(" + "|".join(sorted(map(re.escape, TOKEN_PARAMS), key=len, reverse=True)) + r")=[^&\s'\"<>]+",
     re.IGNORECASE,
 )
+#: An ``Authorization`` header value or an ``OAuth``/``Bearer`` credential quoted in text (8+ characters, so that
+#: prose such as "Invalid OAuth access token" is left alone).
+_AUTH_VALUE = re.compile(
+    r"(\bAuthorization['\"]?\s*[:=]\s*['\"]?(?:(?:OAuth|Bearer|Basic|Token)\s+)?|\b(?:OAuth|Bearer)\s+)"
+    r"(?!<redacted>)[^\s'\",;}]{8,}", re.IGNORECASE)
+#: The query of a host-relative request target (urllib3 logs ``"GET /path?query HTTP/1.1"`` and ``url='/path?q'``).
+_PATH_WITH_QUERY = re.compile(r"((?:^|(?<=[\s'\"=]))/[^\s?#'\"<>]*)\?[^\s'\"<>]+")
 REDACTED = "<redacted>"
 
 
@@ -60,6 +67,38 @@ def redact_text(text: str) -> str:
     return _TOKEN_PARAM.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
 
 
+def redact_log_text(text: str) -> str:
+    """:func:`redact_text`, plus ``Authorization``/``OAuth``/``Bearer`` values and queries of host-relative paths.
+
+    Meant for log lines of HTTP clients: urllib3 logs request targets (``/path?query``) without their host, and a
+    signed CDN link's signature parameters are not all named in :data:`TOKEN_PARAMS`.
+
+    Args:
+        text: a log message.
+
+    Returns:
+        The text with credentials and query strings replaced by ``<redacted>``.
+    """
+    text = redact_text(_PATH_WITH_QUERY.sub(lambda m: f"{m.group(1)}?{REDACTED}", text))
+    return _AUTH_VALUE.sub(lambda m: f"{m.group(1)}{REDACTED}", text)
+
+
+def strip_token_params(url: str) -> str:
+    """``url`` without its credential query parameters (:data:`TOKEN_PARAMS`) and fragment; other parameters kept.
+
+    Args:
+        url: a URL (anything without a query is returned unchanged).
+
+    Returns:
+        The URL, e.g. ``https://h/p?pKey=1&access_token=X`` -> ``https://h/p?pKey=1``.
+    """
+    parts = urlsplit(str(url))
+    if not parts.query and not parts.fragment:
+        return str(url)
+    kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k.lower() not in TOKEN_PARAMS]
+    return urlunsplit(parts._replace(query=urlencode(kept), fragment=""))
+
+
 def planetary_computer_signer() -> Signer:
     """Return ``planetary_computer.sign`` for hrefs (tokens are cached by that package).
 
@@ -68,10 +107,40 @@ def planetary_computer_signer() -> Signer:
     """
     import planetary_computer
 
-    def sign(href: str) -> str:
-        return planetary_computer.sign(href)
+    return PlanetaryComputerSigner(planetary_computer.sign)
 
-    return sign
+
+class PlanetaryComputerSigner:
+    """``planetary_computer.sign`` with a :meth:`refresh` that drops the package's cached tokens.
+
+    Tokens are cached per container until a minute before their expiry by the local clock, so a token the server
+    already refuses (clock skew, revoked) would otherwise be reused.
+    """
+
+    def __init__(self, sign: Signer) -> None:
+        """Wrap the package's ``sign``."""
+        self._sign = sign
+
+    def __call__(self, href: str) -> str:
+        """The signed href."""
+        return self._sign(href)
+
+    def refresh(self, href: str) -> None:
+        """Drop the cached tokens, so that the next signature asks for a fresh one (one request per container)."""
+        from planetary_computer.sas import TOKEN_CACHE
+
+        TOKEN_CACHE.clear()
+
+
+def refresh_signer(signer: Signer, href: str) -> None:
+    """Make ``signer``'s next signature of ``href`` use a fresh credential (call after the server answered 403).
+
+    A signer that caches tokens (:class:`PlanetaryComputerSigner`, or any signer with a ``refresh(href)`` method)
+    drops them; a plain function is left alone (it is called again, which is all a stateless signer can do).
+    """
+    refresh = getattr(signer, "refresh", None)
+    if callable(refresh):
+        refresh(href)
 
 
 def is_http_403(exc: BaseException) -> bool:
@@ -81,7 +150,7 @@ def is_http_403(exc: BaseException) -> bool:
 
 
 class RedactingFilter(logging.Filter):
-    """Logging filter that redacts URL query strings in log records."""
+    """Logging filter that redacts URL query strings and credentials in log records (:func:`redact_log_text`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite the record's message in place; never drops records."""
@@ -89,7 +158,7 @@ class RedactingFilter(logging.Filter):
             msg = record.getMessage()
         except Exception:  # noqa: BLE001 - leave malformed records alone
             return True
-        red = redact_text(msg)
+        red = redact_log_text(msg)
         if red != msg:
             record.msg, record.args = red, None
         return True

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -274,6 +275,35 @@ def retry_policy(max_retries: int = 5, backoff_factor: float = 1.0):
     )
 
 
+def _stac_io(headers: dict[str, str] | None, timeout: float, max_retries: int, backoff_factor: float) -> Any:
+    """A pystac-client ``StacApiIO`` with :func:`retry_policy` that also fetches a page again when it is not JSON.
+
+    A page cut short (by a proxy, or a connection dropped mid-body) can arrive as HTTP 200: pystac-client would
+    fail on it at once; it is fetched again, with the same backoff, up to ``max_retries`` times.
+    """
+    from pystac_client.stac_api_io import StacApiIO
+
+    class RetryingStacApiIO(StacApiIO):
+        def read_json(self, source: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            where = strip_sas_token(str(getattr(source, "href", source)))
+            attempt = 0
+            while True:
+                text = self.read_text(source, *args, **kwargs)
+                try:
+                    return dict(self.json_loads(text))
+                except json.JSONDecodeError as exc:
+                    if attempt >= max_retries:
+                        raise ValueError(f"{where} answered {attempt + 1} time(s) with a page that is not JSON "
+                                         f"({exc})") from None
+                    delay = backoff_factor * 2**attempt
+                    log.warning("%s answered a page that is not JSON (%s); fetching it again in %.1f s", where,
+                                exc, delay)
+                    time.sleep(delay)
+                    attempt += 1
+
+    return RetryingStacApiIO(headers=headers, timeout=timeout, max_retries=retry_policy(max_retries, backoff_factor))
+
+
 def search_live(url: str, params: SearchParams, *, modifier: Callable[[Any], None] | None = None,
                 max_retries: int = 5, backoff_factor: float = 1.0, timeout: float = 60.0,
                 headers: dict[str, str] | None = None) -> list[dict]:
@@ -284,7 +314,7 @@ def search_live(url: str, params: SearchParams, *, modifier: Callable[[Any], Non
         params: what to search for.
         modifier: pystac-client modifier, e.g. ``planetary_computer.sign_inplace``; hrefs are unsigned
             again before they are returned.
-        max_retries: retries per request (connection errors, 429, 5xx).
+        max_retries: retries per request (connection errors, timeouts, 429, 5xx, a page that is not JSON).
         backoff_factor: exponential backoff base in seconds.
         timeout: seconds per request.
         headers: extra HTTP headers (e.g. an API key: never logged).
@@ -302,15 +332,19 @@ def search_live(url: str, params: SearchParams, *, modifier: Callable[[Any], Non
     from pystac_client import Client
     from pystac_client.errors import ClientTypeError
     from pystac_client.exceptions import APIError
-    from pystac_client.stac_api_io import StacApiIO
     from pystac_client.warnings import DoesNotConformTo, PystacClientWarning
 
-    stac_io = StacApiIO(headers=headers, timeout=timeout, max_retries=retry_policy(max_retries, backoff_factor))
+    stac_io = _stac_io(headers, timeout, max_retries, backoff_factor)
     where = f"STAC search at {strip_sas_token(url)}"
     try:
-        client = Client.open(url, modifier=modifier, stac_io=stac_io)
+        # Client.open resets the stac_io's timeout to its own argument (None: wait forever): pass it again.
+        client = Client.open(url, modifier=modifier, stac_io=stac_io, headers=headers, timeout=timeout)
         for name in params.conforms_to:
-            client.add_conforms_to(name)
+            try:
+                client.add_conforms_to(name)
+            except KeyError as exc:  # pystac-client raises KeyError for an unknown conformance class name
+                raise StacSearchError(f"{where} failed: unknown conformance class {exc} in conforms_to "
+                                      f"{list(params.conforms_to)}") from None
         kwargs: dict[str, Any] = {"collections": list(params.collections), "datetime": params.datetime,
                                   "max_items": params.max_items, "limit": params.limit, "method": "POST"}
         if params.intersects is not None:
@@ -327,9 +361,10 @@ def search_live(url: str, params: SearchParams, *, modifier: Callable[[Any], Non
             f"{where} failed: {exc}; the API's landing page does not declare that conformance class. If the API "
             f"does support it (e.g. Earth Search v0), declare it in the region: conforms_to: [{exc.args[0]}]"
         ) from exc
-    except KeyError as exc:  # pystac-client raises KeyError for an unknown conformance class name
-        raise StacSearchError(f"{where} failed: unknown conformance class {exc} in conforms_to "
-                              f"{list(params.conforms_to)}") from exc
+    except StacSearchError:
+        raise
+    except KeyError as exc:  # a response without a field pystac-client needs (a malformed page or item)
+        raise StacSearchError(f"{where} failed: malformed response: missing field {exc}") from exc
     except (APIError, ClientTypeError, PystacClientWarning, STACError, requests.RequestException, OSError,
             ValueError, TypeError) as exc:
         raise StacSearchError(f"{where} failed: {type(exc).__name__}: {strip_sas_token(str(exc))[:500]}") from exc
