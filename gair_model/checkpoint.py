@@ -9,11 +9,18 @@ Layout under ``<out_dir>/checkpoints/``::
 Every file is written to a temporary name in the same folder and ``os.replace``-d into place; ``latest.json`` is
 written last, so it only ever points at a complete pair. The state file holds only tensors and plain Python
 containers and is read back with ``torch.load(weights_only=True)``.
+
+Object storage: :func:`publish_checkpoint` uploads a checkpoint's weights with the run's ``config.json`` and
+``summary.json`` under a URL prefix and ``checkpoint.json`` (names, sizes, sha256) last, the commit marker
+(:func:`gair_dataset.object_store.publish_files`); :func:`fetch_checkpoint` downloads and verifies them into a
+local cache laid out as a run folder (``config.json``, ``checkpoints/step_XXXXXXXX.safetensors``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import re
 from collections.abc import Callable
@@ -25,9 +32,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from gair_dataset import atomic
+from gair_dataset import atomic, object_store
 
 LATEST = "latest.json"
+PUBLISHED_MARKER = "checkpoint.json"
+"""Commit marker of a published checkpoint (written last; without it the prefix holds no checkpoint)."""
+PUBLISHED_RUN_FILES = ("config.json", "summary.json")
+"""Run files published with the weights when present (evaluation reads the train configuration)."""
 _STEP_RE = re.compile(r"^step_(\d{8})\.safetensors$")
 
 
@@ -181,3 +192,75 @@ def find_latest(ckpt_dir: str | Path) -> dict[str, Any] | None:
 def load_train_state(path: str | Path) -> dict[str, Any]:
     """Read a training-state file (``torch.load(weights_only=True)``, never unpickles arbitrary objects)."""
     return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def publish_checkpoint(model_path: str | Path, url: str, *,
+                       run_dir: str | Path | None = None) -> object_store.PublishResult:
+    """Publish a checkpoint's weights (and the run's ``config.json``/``summary.json``) to ``url``, marker last.
+
+    Args:
+        model_path: The ``step_XXXXXXXX.safetensors`` file (its header carries the model configuration).
+        url: Destination prefix (``s3://bucket/runs/<name>/``, any fsspec URL); credentials from the environment.
+        run_dir: The training run folder whose run files are published too (default: the checkpoint's run).
+
+    Returns:
+        What was uploaded; weights of an earlier publish to the same prefix are removed after the marker.
+    """
+    model_path = Path(model_path)
+    if run_dir is None and model_path.parent.name == "checkpoints":
+        run_dir = model_path.parent.parent
+    files = {model_path.name: model_path}
+    if run_dir is not None:
+        files.update({name: Path(run_dir) / name for name in PUBLISHED_RUN_FILES if (Path(run_dir) / name).is_file()})
+    m = _STEP_RE.match(model_path.name)
+    doc = {"format_version": 1, "model": model_path.name, "step": int(m.group(1)) if m else None,
+           "files": {name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for name, p in files.items()}}
+    marker = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+    return object_store.publish_files(files, url, marker=PUBLISHED_MARKER, marker_bytes=marker,
+                                      stale_suffix=".safetensors")
+
+
+def default_cache_dir() -> Path:
+    """Where :func:`fetch_checkpoint` keeps downloads: ``$XDG_CACHE_HOME/gair/checkpoints`` (``~/.cache`` default)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gair" / "checkpoints"
+
+
+def fetch_checkpoint(url: str, cache_dir: str | Path | None = None) -> Path:
+    """Download the checkpoint published at ``url`` (:func:`publish_checkpoint`) and return its local weights.
+
+    The files land in ``<cache_dir>/<marker digest>/`` as a run folder (``config.json``, ``summary.json``,
+    ``checkpoints/<weights>``); files already there with the published sha256 are not downloaded again.
+
+    Raises:
+        FileNotFoundError: No ``checkpoint.json`` at ``url`` (nothing published, or the publish did not finish).
+        gair_dataset.object_store.ObjectStoreError: A download failed or does not match its sha256.
+    """
+    try:
+        marker = object_store.read_bytes(object_store.join(url, PUBLISHED_MARKER))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint published at {object_store.public_url(url)}: no "
+                                f"{PUBLISHED_MARKER}") from None
+    doc = json.loads(marker)
+    dest = Path(cache_dir or default_cache_dir()) / hashlib.sha256(marker).hexdigest()[:16]
+    model_name = str(doc["model"])
+    for name, info in doc["files"].items():
+        if name != Path(name).name or name in ("", ".", ".."):
+            raise object_store.ObjectStoreError(f"{object_store.public_url(url)}: bad file name {name!r} in "
+                                                f"{PUBLISHED_MARKER}")
+        local = dest / "checkpoints" / name if name == model_name else dest / name
+        if local.is_file() and _sha256(local) == info["sha256"]:
+            continue
+        object_store.download_file(object_store.join(url, name), local)
+        if _sha256(local) != info["sha256"]:
+            local.unlink()
+            raise object_store.ObjectStoreError(f"{object_store.public_url(object_store.join(url, name))}: sha256 "
+                                                f"differs from {PUBLISHED_MARKER} (republished meanwhile?)")
+    return dest / "checkpoints" / model_name

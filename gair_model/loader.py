@@ -18,6 +18,10 @@ jitter (``sv_train_aug``). SV images are resized (shorter side) and centre-cropp
 ``sv_size``; JPEGs much larger than the target are decoded at reduced DCT scale
 (``Image.draft``), which dominates the speed-up.
 
+Object storage: a shard-set location may be any fsspec URL (``s3://bucket/prefix/<region>/``, see
+:mod:`gair_dataset.object_store`): its ``shards.json`` is read through fsspec (no ``shards.json``: no set) and each
+tar is streamed through fsspec, credentials from the environment.
+
 Epochs: with ``resampled=True`` (training) the stream is infinite: pass ``epoch_samples`` to
 make each ``iter(loader)`` yield ``ceil(epoch_samples / batch_size / max(1, num_workers))``
 batches per worker (the open_clip arithmetic); ``loader.num_batches`` says how many that is in
@@ -45,6 +49,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 
+from gair_dataset import object_store
 from gair_dataset.bands import default_stats
 from gair_dataset.contract import (  # decode_npy, SampleDecodeError: also part of the loader API
     JSON_MEMBER,
@@ -76,9 +81,10 @@ def resolve_shards(shards: str | os.PathLike[str] | Sequence[str]) -> list[str]:
     """Expand a shard specification into a list of shard URLs/paths.
 
     Args:
-        shards: A folder (its ``shards.json`` if complete, else its ``*.tar``); a glob
-            (``dir/train-*.tar``); a brace pattern (``dir/train-{000000..000009}.tar``); a path/URL;
-            or a list of any of these (e.g. the shard-set folders of several regions).
+        shards: A folder (its ``shards.json`` if complete, else its ``*.tar``); a published shard set
+            (``s3://bucket/prefix/<region>/``, any fsspec URL not ending in ``.tar``: its ``shards.json``, which
+            must exist); a glob (``dir/train-*.tar``); a brace pattern (``dir/train-{000000..000009}.tar``); a
+            path/URL; or a list of any of these (e.g. the shard-set folders of several regions).
 
     Returns:
         Shard paths/URLs in a deterministic order.
@@ -98,11 +104,49 @@ def resolve_shards(shards: str | os.PathLike[str] | Sequence[str]) -> list[str]:
                 out = sorted(glob.glob(os.path.join(spec, "*.tar")))
         elif any(c in spec for c in "*?[") and "://" not in spec:
             out = sorted(glob.glob(spec))
+        elif object_store.is_url(spec) and not spec.endswith(".tar") and "{" not in spec:
+            out = object_store.shard_urls(spec)  # FileNotFoundError when no set is published there
         else:
             out = list(wds.shardlists.expand_urls(spec))
     if not out:
         raise FileNotFoundError(f"no shards found for {shards!r}")
     return out
+
+
+class _FsspecOpen(wds.cache.StreamingOpen):
+    """WebDataset's opener stage, with remote URLs (``s3://`` and every other fsspec scheme) streamed by fsspec.
+
+    Local paths and ``pipe:`` specs go to WebDataset as before. Each remote stream is closed once its shard has
+    been read; an open error goes to the dataset's handler like any other shard error.
+    """
+
+    def __call__(self, urls: Iterator[Any]) -> Iterator[dict[str, Any]]:
+        for item in urls:
+            url = item["url"] if isinstance(item, dict) else item
+            if not object_store.is_url(url):
+                yield from super().__call__([url])
+                continue
+            try:
+                stream = object_store.open_url(url)
+            except OSError as exn:  # open_url reports every failure as an OSError, credentials masked
+                if self.handler(exn):
+                    continue
+                break
+            try:
+                yield {"url": url, "stream": stream}
+            finally:
+                stream.close()
+
+
+def _webdataset(urls: list[str], **kw: Any) -> wds.WebDataset:
+    """``wds.WebDataset(urls, **kw)`` whose shards are opened by :class:`_FsspecOpen`."""
+    ds = wds.WebDataset(urls, **kw)
+    handler = kw.get("handler", wds.reraise_exception)
+    openers = [i for i, stage in enumerate(ds.pipeline) if type(stage) is wds.cache.StreamingOpen]
+    if len(openers) != 1:  # a WebDataset release that builds its pipeline differently
+        raise RuntimeError(f"expected one StreamingOpen stage in the WebDataset pipeline, found {len(openers)}")
+    ds.pipeline[openers[0]] = _FsspecOpen(handler=handler)
+    return ds
 
 
 def _select_member(fname: str, allowed: Sequence[str] = ALLOWED_MEMBERS) -> bool:
@@ -531,7 +575,7 @@ def build_dataset(shards: str | list[str], *, batch_size: int, rs_size: int, sv_
         raise ValueError("batch_size must be >= 1")
     urls = resolve_shards(shards)
     shuffle_on = shuffle_buffer > 1
-    ds = wds.WebDataset(
+    ds = _webdataset(
         urls,
         handler=_skip_bad_sample,
         resampled=resampled,
@@ -644,7 +688,7 @@ def compute_rs_stats(shards: str | list[str], *, max_samples: int = 2000, bands:
         ``{"mean": [...], "std": [...]}``.
     """
     wanted = set(splits) if splits is not None else None
-    ds = wds.WebDataset(resolve_shards(shards), shardshuffle=False, nodesplitter=None, workersplitter=None,
+    ds = _webdataset(resolve_shards(shards), shardshuffle=False, nodesplitter=None, workersplitter=None,
                         select_files=_select_stats_member, handler=_skip_bad_sample,
                         empty_check=False)
     if wanted is not None:

@@ -1,11 +1,15 @@
 """The external training process, launched by the training asset through Dagster Pipes.
 
-It runs ``python -m gair_model.train`` (one process) or ``torchrun --nproc_per_node=N -m gair_model.train``,
+When asked (``rs_stats_samples`` > 0 in the extras) it first computes the per-band RS statistics of the shards
+(train split), writes them to ``rs_stats_path`` for the trainer and reports them. It then runs
+``python -m gair_model.train`` (one process) or ``torchrun --nproc_per_node=N -m gair_model.train``,
 forwards the trainer's progress and validation lines to the Dagster log as they come, and at the end reports the
-materialization: final metrics (train and validation loss), checkpoint path and a loss-curve plot (train loss
-terms, validation loss as markers). ``gair_model`` itself never imports Dagster; only this thin wrapper speaks
-Pipes. On a GPU cluster the same wrapper runs inside the job that the cluster's Pipes client launches (e.g.
-``PipesK8sClient``), with ``nproc_per_node`` set to the GPUs per node.
+materialization: final metrics (train and validation loss), checkpoint path, a loss-curve plot (train loss
+terms, validation loss as markers) and the trainer's whole ``summary.json`` as ``summary``. ``gair_model`` itself
+never imports Dagster; only this thin wrapper speaks Pipes. On a GPU cluster the same wrapper runs inside the pod
+that ``PipesK8sClient`` launches (:mod:`pipelines.defs.training.launchers`), with ``nproc_per_node`` set to the
+GPUs per node: every path in the extras is on the shared data root, and nothing but Pipes messages goes back to
+Dagster.
 """
 
 import base64
@@ -19,7 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dagster_pipes import PipesMetadataValue, open_dagster_pipes
+from dagster_pipes import PipesContext, PipesMetadataValue, open_dagster_pipes
+
+from gair_dataset.atomic import atomic_write_text
 
 METRICS_PREFIX = "GAIR_METRICS "
 VAL_PREFIX = "GAIR_VAL "
@@ -105,10 +111,31 @@ def run_trainer(cmd: list[str], info: Callable[[str], Any], warning: Callable[[s
     return code
 
 
+def band_statistics(pipes: PipesContext) -> tuple[list[str], dict[str, PipesMetadataValue]]:
+    """Compute the RS band statistics the extras ask for: ``(trainer flags, metadata)``, both empty if not asked.
+
+    The statistics are written to ``rs_stats_path`` (on the data root the trainer reads) and reported as metadata.
+    """
+    samples = int(pipes.get_extra("rs_stats_samples") or 0)
+    if samples <= 0:
+        return [], {}
+    from gair_model.loader import compute_rs_stats  # torch: only when statistics are asked for
+
+    shards = [str(p) for p in pipes.get_extra("shards")]
+    stats = compute_rs_stats(shards, max_samples=samples)
+    path = Path(pipes.get_extra("rs_stats_path"))
+    atomic_write_text(path, json.dumps(stats, indent=1))
+    pipes.log.info(f"RS band statistics from up to {samples} samples: mean {[round(v) for v in stats['mean']]}")
+    meta: dict[str, PipesMetadataValue] = {"rs_stats": {"raw_value": stats, "type": "json"},
+                                           "rs_stats_samples": {"raw_value": samples, "type": "int"}}
+    return ["--rs-stats", str(path)], meta
+
+
 def main() -> int:
     """Run the trainer under Pipes; return its exit status."""
     with open_dagster_pipes() as pipes:
-        args = [str(a) for a in pipes.get_extra("trainer_args")]
+        stats_flags, metadata = band_statistics(pipes)
+        args = [str(a) for a in pipes.get_extra("trainer_args")] + stats_flags
         nproc = int(pipes.get_extra("nproc_per_node"))
         out_dir = Path(pipes.get_extra("out_dir"))
         cmd = trainer_command(nproc, args)
@@ -117,13 +144,13 @@ def main() -> int:
         if code != 0:
             return code
         summary = json.loads((out_dir / "summary.json").read_text())
-        metadata: dict[str, PipesMetadataValue] = {
+        metadata.update({
             "steps": {"raw_value": int(summary.get("steps", 0)), "type": "int"},
             "final_loss": {"raw_value": float(summary.get("final_loss", float("nan"))), "type": "float"},
             "checkpoint": {"raw_value": str(summary.get("checkpoint", "")), "type": "path"},
             "summary": {"raw_value": summary, "type": "json"},
             "nproc_per_node": {"raw_value": nproc, "type": "int"},
-        }
+        })
         if summary.get("final_val_loss") is not None:
             metadata["final_val_loss"] = {"raw_value": float(summary["final_val_loss"]), "type": "float"}
             metadata["best_val_loss"] = {"raw_value": float(summary["best_val_loss"]), "type": "float"}

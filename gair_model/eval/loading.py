@@ -3,8 +3,9 @@
 A training run's folder (``--out-dir`` of :mod:`gair_model.train`) holds ``config.json`` (the train and model
 configuration, including the ``rs_stats`` file used for the RS normalisation) and ``checkpoints/`` with
 safetensors weights whose header carries the model configuration. :func:`load_trained` accepts the run folder,
-the checkpoint folder, ``latest.json`` or a ``.safetensors`` file. :func:`random_model` builds the same
-architecture with random weights: the "untrained" baseline of every evaluation.
+the checkpoint folder, ``latest.json``, a ``.safetensors`` file, or the URL prefix of a checkpoint published to
+object storage (``s3://...``, downloaded first, see :func:`gair_model.checkpoint.fetch_checkpoint`).
+:func:`random_model` builds the same architecture with random weights: the "untrained" baseline of every evaluation.
 
 :func:`iter_eval_batches` reads shards in a fixed order, without augmentation (the evaluation view of the one
 loader), and :func:`embed_shards` returns every embedding the model produces for those samples.
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from gair_dataset import object_store
 from gair_model import checkpoint as ckpt
 from gair_model.loader import build_loader, resolve_shards
 from gair_model.models.gair import GAIRConfig, GAIRModel
@@ -152,14 +154,16 @@ def _training_preprocessing(model_path: Path, train_cfg: dict[str, Any]) -> dict
 
 
 def load_trained(path: str | Path, *, device: str | torch.device = "cpu",
-                 rs_stats: dict[str, list[float]] | None = None) -> LoadedModel:
+                 rs_stats: dict[str, list[float]] | None = None, cache_dir: str | Path | None = None) -> LoadedModel:
     """Load a trained GAIR model for evaluation.
 
     Args:
-        path: Run folder, checkpoint folder, ``latest.json`` or ``.safetensors`` file.
+        path: Run folder, checkpoint folder, ``latest.json`` or ``.safetensors`` file, or the URL prefix of a
+            published checkpoint (``s3://bucket/runs/x/``: downloaded into ``cache_dir`` first).
         device: Where to put the model.
         rs_stats: RS band statistics; default: those the checkpoint was trained with (from its header, or for
             older checkpoints the file named in the run's ``config.json``).
+        cache_dir: Download folder for a URL (default :func:`gair_model.checkpoint.default_cache_dir`).
 
     Returns:
         The model in eval mode with its provenance.
@@ -167,6 +171,8 @@ def load_trained(path: str | Path, *, device: str | torch.device = "cpu",
     Raises:
         ModelLoadError: When no checkpoint, model configuration or training RS statistics can be found.
     """
+    if object_store.is_url(str(path)):
+        path = ckpt.fetch_checkpoint(str(path), cache_dir)
     model_path, run_dir = _checkpoint_record(Path(path))
     config, step = read_checkpoint_config(model_path)
     train_cfg: dict[str, Any] = {}

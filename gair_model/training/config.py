@@ -71,6 +71,9 @@ class TrainConfig(BaseModel):
                               "shard-set folder")
     out_dir: str = Field("runs/gair", description="output folder (checkpoints, metrics.csv, summary.json)")
     overwrite: bool = Field(False, description="start fresh in an --out-dir holding an earlier run's checkpoints")
+    publish_to: str | None = Field(None, description="URL prefix (s3://bucket/runs/name/, any fsspec URL) the final "
+                                   "checkpoint, config.json and summary.json are published to at the end, "
+                                   "checkpoint.json last (credentials from the environment)")
     # --- model (GAIRConfig fields)
     embed_dim: int = _model_field("embed_dim", "shared embedding size (authors: 768)")
     rs_arch: str = _model_field("rs_arch", "RS ViT: tiny|small|base|large or a timm name")
@@ -180,6 +183,10 @@ class TrainConfig(BaseModel):
         if not self.allow_test_split and (self.splits is None or "test" in self.splits):
             raise ValueError(f"--splits {self.splits or 'none'} trains on the 'test' split, which is held out for "
                              "evaluation; train on 'train' (or pass --allow-test-split true for a smoke run)")
+        if self.publish_to:
+            from gair_dataset.object_store import check_url
+
+            check_url(self.publish_to)
         if self.overwrite and self.resume:
             raise ValueError("--overwrite and --resume contradict each other")
         if self.steps is not None and self.epochs is not None:

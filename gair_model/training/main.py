@@ -272,5 +272,7 @@ class _Run:
         self.metrics.close()
         if info.is_main:
             ckpt.atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2))
+            if cfg.publish_to and self.last_record:  # object storage: weights + run files, marker last
+                ckpt.publish_checkpoint(self.last_record["model"], cfg.publish_to, run_dir=self.out_dir)
             print(SUMMARY_PREFIX + json.dumps(summary), flush=True)
         return summary

@@ -7,7 +7,9 @@ working default (``make demo`` sets nothing by hand). Nothing here reads the env
 - ``GAIR_DATA_ROOT`` -> ``data_root.root`` (the one data root: outputs, and the embedded sample the ``stac`` and
   ``streetview`` resources read);
 - ``GAIR_STAC_CATALOG`` -> ``stac.catalog`` and ``raster_access.stac_catalog``;
-- ``GAIR_EVAL_TASKS``, ``GAIR_EVAL_DATA`` -> ``eval_tasks.tasks_file``, ``eval_tasks.data_dir``.
+- ``GAIR_EVAL_TASKS``, ``GAIR_EVAL_DATA`` -> ``eval_tasks.tasks_file``, ``eval_tasks.data_dir``;
+- ``GAIR_TRAINING_LAUNCHER`` (``subprocess`` | ``k8s``, with ``GAIR_TRAINING_IMAGE``, ...) -> the kind of
+  ``training_pipes_client``, chosen when the location loads (:mod:`pipelines.defs.training.launchers`).
 """
 
 import os
@@ -20,6 +22,7 @@ from pipelines.defs.pairing.resources import DuckDBEngine
 from pipelines.defs.shards.resources import RasterAccess
 from pipelines.defs.stac.resources import ConfiguredStacCatalog
 from pipelines.defs.streetview.resources import StreetViewPoints
+from pipelines.defs.training.launchers import training_pipes_client
 
 
 def env_setting(name: str, default: str) -> str:
@@ -36,7 +39,7 @@ def resources() -> dg.Definitions:
         "duckdb_engine": DuckDBEngine(),
         "raster_access": RasterAccess(stac_catalog=env_setting("GAIR_STAC_CATALOG", "")),
         "data_root": DataRoot(root=env_setting("GAIR_DATA_ROOT", "")),
-        "pipes_subprocess_client": dg.PipesSubprocessClient(),
+        "training_pipes_client": training_pipes_client(),
         "eval_tasks": EvalTasks(tasks_file=env_setting("GAIR_EVAL_TASKS", ""),
                                 data_dir=env_setting("GAIR_EVAL_DATA", "")),
     })

@@ -1,8 +1,7 @@
-"""The training asset: launches the torch trainer as an external process through Dagster Pipes."""
+"""The training asset: launches the torch trainer as an external process through Dagster Pipes (any launcher)."""
 
 import json
-import os
-import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +10,11 @@ from pydantic import Field, create_model
 
 from gair_dataset.atomic import atomic_write_text
 from gair_dataset.contract import SHARDS_JSON_NAME
-from gair_model.loader import compute_rs_stats
 from gair_model.training.config import TRAIN_PRESETS, TrainConfig, resolve_config, to_flags
 from pipelines.common.policies import GPU_POOL
 from pipelines.common.storage import DataRoot
 from pipelines.defs.shards.assets import shards
+from pipelines.defs.training.launchers import run_training
 from pipelines.partitions import REGIONS
 
 
@@ -88,33 +87,49 @@ def trainer_args(cfg: TrainingConfig, shard_list: list[str], out_dir: Path) -> l
         list(cfg.extra_args)
 
 
+#: The training summary fields kept in ``reports/training_summary.json`` (read by ``run_summary``).
+SUMMARY_FIELDS = ("status", "steps", "final_loss", "final_val_loss", "best_val_loss", "best_val_step", "checkpoint",
+                  "device", "world_size", "samples_seen", "wall_seconds")
+
+
+def training_extras(cfg: TrainingConfig, shard_list: list[str], out_dir: Path, stats_path: Path) -> dict[str, Any]:
+    """The Pipes extras of a training run: the same for a local subprocess and a pod on a cluster.
+
+    Band statistics are asked of the training process (``rs_stats_samples`` > 0, written to ``rs_stats_path``)
+    unless the config names a statistics file, which wins.
+    """
+    samples = cfg.rs_stats_samples if cfg.rs_stats is None else 0
+    return {"trainer_args": trainer_args(cfg, shard_list, out_dir), "nproc_per_node": cfg.nproc_per_node,
+            "out_dir": str(out_dir), "shards": shard_list,
+            "rs_stats_samples": samples, "rs_stats_path": str(stats_path)}
+
+
+def summary_report(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The kept summary fields of the materialization's ``summary`` metadata (missing fields as None).
+
+    Raises:
+        dg.Failure: If the training process reported no ``summary``.
+    """
+    entry = metadata.get("summary")
+    summary = entry.value if isinstance(entry, dg.MetadataValue) else entry
+    if not isinstance(summary, dict):
+        raise dg.Failure("the training process reported no `summary` metadata")
+    return {k: summary.get(k) for k in SUMMARY_FIELDS}
+
+
 @dg.asset(group_name="training", deps=[shards], kinds={"pytorch"}, pool=GPU_POOL)
 def gair_model_checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig, data_root: DataRoot,
-                          pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
-    """A GAIR checkpoint trained on the train split of every region's shards (safetensors + state)."""
+                          training_pipes_client: dg.ResourceParam[dg.PipesClient]) -> dg.MaterializeResult:
+    """A GAIR checkpoint trained on the train split of every region's shards (safetensors + state).
+
+    The trainer runs wherever ``training_pipes_client`` puts it (a local subprocess, or a pod on Kubernetes with
+    the data root on a shared volume); band statistics, progress and the run summary come back through Pipes.
+    """
     shard_list = shard_set_paths(data_root)
     out_dir = data_root.stage_dir("training") / "run"
-    extra: list[str] = []
-    if config.rs_stats_samples > 0 and config.rs_stats is None:  # a user-given statistics file wins
-        # Per-band mean/std of these shards for the clip-and-scale normalisation (nodata ignored).
-        stats = compute_rs_stats(shard_list, max_samples=config.rs_stats_samples)
-        stats_path = data_root.stage_dir("training") / "rs_stats.json"
-        atomic_write_text(stats_path, json.dumps(stats, indent=1))
-        extra = ["--rs-stats", str(stats_path)]
-        context.log.info("RS band statistics from %d samples: mean %s", config.rs_stats_samples,
-                         [round(v) for v in stats["mean"]])
+    extras = training_extras(config, shard_list, out_dir, data_root.stage_dir("training") / "rs_stats.json")
     context.log.info("training on the shard sets of %s", [Path(p).name for p in shard_list])
-    result = pipes_subprocess_client.run(
-        command=[sys.executable, "-m", "pipelines.training_pipes"],
-        context=context,
-        extras={"trainer_args": trainer_args(config, shard_list, out_dir) + extra,
-                "nproc_per_node": config.nproc_per_node,
-                "out_dir": str(out_dir)},
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    ).get_materialize_result()
-    summary = json.loads((out_dir / "summary.json").read_text())
+    result = run_training(training_pipes_client, context, extras).get_materialize_result()
     report = data_root.stage_dir("reports") / "training_summary.json"
-    keep = ("status", "steps", "final_loss", "final_val_loss", "best_val_loss", "best_val_step", "checkpoint", "device",
-            "world_size", "samples_seen", "wall_seconds")
-    atomic_write_text(report, json.dumps({k: summary.get(k) for k in keep}, indent=1, default=str))
+    atomic_write_text(report, json.dumps(summary_report(result.metadata or {}), indent=1, default=str))
     return result

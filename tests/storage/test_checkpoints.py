@@ -1,0 +1,71 @@
+"""Training from shards streamed off a loopback S3, publishing the final checkpoint there, and loading it back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gair_dataset import object_store
+from gair_model import checkpoint as ckpt
+from gair_model.eval.loading import load_trained
+from gair_model.train import main
+from tests.storage.conftest import ACCESS_KEY_ID, SECRET_ACCESS_KEY
+from tests.synthetic_shards import write_synthetic_shards
+
+torch.set_num_threads(1)
+
+
+def test_train_on_s3_shards_publish_and_load_back(s3, tmp_path: Path) -> None:
+    bucket = s3.new_bucket()
+    local = tmp_path / "shards"
+    write_synthetic_shards(local, 16, rs_size=32, sv_size=32, samples_per_shard=8, seed=0, name="region-t")
+    shards_url = f"{bucket}/shards/region-t/"
+    object_store.publish_shard_set(local, shards_url)
+    run_url = f"{bucket}/runs/tiny/"
+    out = tmp_path / "run"
+    summary = main([
+        "--shards", shards_url, "--out-dir", str(out), "--publish-to", run_url,
+        "--rs-img-size", "32", "--sv-img-size", "32", "--batch-size", "4", "--queue-size", "16", "--lr", "2e-4",
+        "--warmup-steps", "1", "--threads", "1", "--shuffle-buffer", "8", "--save-every", "0", "--val-every", "0",
+        "--steps", "2", "--splits", "none", "--allow-test-split", "true", "--log-every", "100",
+    ])  # fmt: skip
+    assert summary["status"] == "completed" and summary["steps"] == 2
+    assert json.loads((out / "config.json").read_text())["train"]["shards"] == [shards_url]
+
+    model_name = Path(summary["checkpoint"]).name
+    fs, root = object_store.filesystem(run_url)
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) == sorted(
+        [model_name, "config.json", "summary.json", ckpt.PUBLISHED_MARKER])
+    marker = json.loads(object_store.read_bytes(object_store.join(run_url, ckpt.PUBLISHED_MARKER)))
+    assert marker["model"] == model_name and marker["step"] == 2
+    assert object_store.read_bytes(object_store.join(run_url, "summary.json")) == (out / "summary.json").read_bytes()
+    for name in marker["files"]:
+        data = object_store.read_bytes(object_store.join(run_url, name))
+        assert ACCESS_KEY_ID.encode() not in data and SECRET_ACCESS_KEY.encode() not in data
+
+    cache = tmp_path / "cache"
+    remote = load_trained(run_url, cache_dir=cache)
+    local_model = load_trained(out)
+    assert Path(remote.checkpoint).is_relative_to(cache) and remote.step == 2
+    assert remote.run_dir is not None and remote.train_config == local_model.train_config
+    assert remote.rs_stats == local_model.rs_stats and remote.preprocessing == local_model.preprocessing
+    got, want = remote.model.state_dict(), local_model.model.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert load_file(remote.checkpoint).keys() == load_file(summary["checkpoint"]).keys()
+
+    # Publishing the same checkpoint again uploads nothing; a cached download is reused, a damaged one replaced.
+    assert ckpt.publish_checkpoint(summary["checkpoint"], run_url).unchanged
+    Path(remote.checkpoint).write_bytes(b"damaged")
+    again = ckpt.fetch_checkpoint(run_url, cache)
+    assert again == Path(remote.checkpoint) and again.read_bytes() == Path(summary["checkpoint"]).read_bytes()
+
+
+def test_no_published_checkpoint(s3, tmp_path: Path) -> None:
+    bucket = s3.new_bucket()
+    with pytest.raises(FileNotFoundError, match="no checkpoint published at"):
+        load_trained(f"{bucket}/runs/none/", cache_dir=tmp_path)
