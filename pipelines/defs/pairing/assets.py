@@ -5,6 +5,15 @@ import dagster as dg
 import pandas as pd
 
 from gair_dataset.pairing import offset_spread, pair_points
+from pipelines.common.incremental import (
+    CODE_VERSIONS,
+    built,
+    files_version,
+    input_version,
+    skipped,
+    unchanged_stats,
+    upstream_versions,
+)
 from pipelines.common.plots import figure_md, offsets_hist
 from pipelines.common.storage import DataRoot
 from pipelines.defs.pairing.resources import DuckDBEngine
@@ -14,7 +23,7 @@ from pipelines.partitions import region_of, region_partitions
 
 
 @dg.asset(partitions_def=region_partitions, group_name="pairing", deps=[tile_grid, sv_points],
-          kinds={"duckdb", "geoparquet"})
+          kinds={"duckdb", "geoparquet"}, code_version=CODE_VERSIONS["pairs"])
 def pairs(context: dg.AssetExecutionContext, duckdb_engine: DuckDBEngine,
           data_root: DataRoot) -> dg.MaterializeResult:
     """One row per SV point inside a tile: the point, its tile_id, relative position (x, y), pixel col/row, split.
@@ -30,6 +39,13 @@ def _pairs(context: dg.AssetExecutionContext, duckdb_engine: DuckDBEngine,
     """The body of :func:`pairs`, run under the region lock."""
     region = region_of(context)
     out_dir = data_root.stage_dir("pairs", region.name)
+    version = input_version("pairs", region, upstream_versions(data_root, region.name, ["tiles", "streetview"]),
+                            files=[data_root.stage_dir("streetview", region.name) / "points.parquet",
+                                   data_root.stage_dir("tiles", region.name) / "tiles.parquet"])
+    same = unchanged_stats(data_root, "pairs", region.name, version,
+                           [out_dir / "pairs.parquet", out_dir / "unpaired.parquet"])
+    if same is not None:
+        return skipped(context, "pairs", same, {"path": dg.MetadataValue.path(str(out_dir / "pairs.parquet"))})
     con = duckdb_engine.connect()
     res = pair_points(data_root.stage_dir("streetview", region.name) / "points.parquet",
                       data_root.stage_dir("tiles", region.name) / "tiles.parquet",
@@ -45,12 +61,15 @@ def _pairs(context: dg.AssetExecutionContext, duckdb_engine: DuckDBEngine,
     stats = {"points": res.points, "paired": res.paired, "outside_every_tile": res.outside,
              "capped": res.capped, "tiles_with_points": res.tiles_with_points, "splits": splits,
              "offset_spread": spread, "seconds": round(res.seconds, 3)}
-    data_root.write_stats("pairs", region.name, stats)
+    data_version = files_version(out_dir / "pairs.parquet", out_dir / "unpaired.parquet")
+    data_root.write_stats("pairs", region.name, built(stats, version, data_version))
     if res.outside:
         context.log.warning("%d of %d points are outside every tile (listed in unpaired.parquet)",
                             res.outside, res.points)
     context.log.info("paired %d points into %d tiles in %.2fs", res.paired, res.tiles_with_points, res.seconds)
-    return dg.MaterializeResult(metadata={
+    return dg.MaterializeResult(data_version=dg.DataVersion(data_version), metadata={
+        "rebuilt": True,
+        "data_version": data_version,
         "num_pairs": res.paired,
         "num_points": res.points,
         "num_outside_every_tile": res.outside,

@@ -1,5 +1,6 @@
 """WebDataset shards of (RS chip, SV image, location) samples, per region partition."""
 
+import errno
 import io
 import json
 import tarfile
@@ -11,14 +12,25 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from gair_dataset.contract import KEY_PATTERN, MANIFEST_NAME, MEMBER_SUFFIXES, decode_npy, rs_dates
+from gair_dataset import object_store
+from gair_dataset.atomic import atomic_write_json
+from gair_dataset.contract import KEY_PATTERN, MANIFEST_NAME, MEMBER_SUFFIXES, SHARDS_JSON_NAME, decode_npy, rs_dates
 from gair_dataset.samples import DEFAULT_INTERLEAVE_TILES, build_shards_from_pairs, iter_items
 from gair_dataset.shards import iter_raw_samples, read_shards_json
 from gair_dataset.stac_catalog import read_items
 from gair_dataset.streetview_points import with_provenance
+from pipelines.common.incremental import (
+    CODE_VERSIONS,
+    built,
+    input_version,
+    skipped,
+    unchanged_stats,
+    upstream_versions,
+)
 from pipelines.common.plots import figure_md, plt
 from pipelines.common.policies import NETWORK_RETRY, REMOTE_READS_POOL
 from pipelines.common.storage import DataRoot
+from pipelines.config import RegionConfig
 from pipelines.defs.pairing.assets import pairs
 from pipelines.defs.shards.resources import RasterAccess
 from pipelines.defs.stac.assets import stac_items, tile_grid
@@ -35,6 +47,9 @@ class ShardsConfig(dg.Config):
     chip_workers: int = 4  # threads reading chips ahead; also the bound on concurrent remote reads
     max_dates: int = 0  # dates (passing items) per sample's rs.npy; 0: the region's tile_grid.items_per_tile
     interleave_tiles: int = DEFAULT_INTERLEAVE_TILES  # tiles interleaved together (chips held in memory)
+    # URL prefix (s3://bucket/prefix/, any fsspec URL) the complete set is also published to, as <prefix>/<region>/,
+    # shards.json last (gair_dataset.object_store; credentials from the environment). None: local only.
+    publish_url: str | None = None
 
 
 def shard_dir(data_root: DataRoot, region: str) -> Path:
@@ -42,9 +57,54 @@ def shard_dir(data_root: DataRoot, region: str) -> Path:
     return data_root.stage_dir("shards", region)
 
 
+#: errno values of a write that no retry can fix: no space, quota exceeded, file too large.
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+#: ShardsConfig fields that change how fast shards are written, not what is in them.
+_NEUTRAL_SHARD_SETTINGS = {"chip_workers", "publish_url"}
+
+
+def _publish(context: dg.AssetExecutionContext, config: ShardsConfig, out: Path,
+             region: str) -> dict[str, dg.MetadataValue]:
+    """Publish the complete set to ``config.publish_url`` (if set); the metadata saying where."""
+    if not config.publish_url:
+        return {}
+    result = object_store.publish_shard_set(
+        out, object_store.join(object_store.check_url(config.publish_url), region) + "/")
+    context.log.info("published to %s: %d files uploaded (%s), %d stale removed", result.url,
+                     len(result.uploaded), "unchanged" if result.unchanged else f"{result.bytes_uploaded} bytes",
+                     len(result.removed))
+    return {"published_url": dg.MetadataValue.url(result.url),
+            "published_files": dg.MetadataValue.int(len(result.uploaded))}
+
+
+def shards_versions(config: ShardsConfig, region: RegionConfig, data_root: DataRoot) -> tuple[str, str]:
+    """``(input version, data version)`` of a region's shard set.
+
+    Both hash every upstream stage's data version and the shard settings; the input version also the sizes and
+    times of the files read (a file rewritten by hand is read again), the data version not (the same inputs give
+    the same shards, byte for byte, whenever they are built).
+    """
+    settings = {k: v for k, v in config.model_dump().items() if k not in _NEUTRAL_SHARD_SETTINGS}
+    upstream = upstream_versions(data_root, region.name, ["stac", "tiles", "streetview", "pairs"])
+    files = [data_root.stage_dir(stage, region.name) / name for stage, name in
+             (("stac", "items.json"), ("tiles", "tiles.parquet"), ("streetview", "points.parquet"),
+              ("pairs", "pairs.parquet"))]
+    return (input_version("shards", region, upstream, settings, files=files),
+            input_version("shards", region, upstream, settings))
+
+
+def shard_files(out: Path) -> list[Path]:
+    """The shard files the set's ``shards.json`` lists (none when it is missing or unreadable)."""
+    try:
+        return [out / s["path"] for s in read_shards_json(out)["shards"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [out / SHARDS_JSON_NAME]  # missing: never "unchanged"
+
+
 @dg.asset(partitions_def=region_partitions, group_name="shards", deps=[pairs, tile_grid, stac_items],
           kinds={"webdataset"},
-          pool=REMOTE_READS_POOL, retry_policy=NETWORK_RETRY)
+          pool=REMOTE_READS_POOL, retry_policy=NETWORK_RETRY, code_version=CODE_VERSIONS["shards"])
 def shards(context: dg.AssetExecutionContext, config: ShardsConfig, raster_access: RasterAccess,
            data_root: DataRoot) -> dg.MaterializeResult:
     """Training-ready WebDataset shards (rs.npy, sv.jpg, json per sample) + manifest, for one region."""
@@ -56,6 +116,13 @@ def _shards(context: dg.AssetExecutionContext, config: ShardsConfig, raster_acce
             data_root: DataRoot) -> dg.MaterializeResult:
     """The body of :func:`shards`, run under the region lock."""
     region = region_of(context)
+    out = shard_dir(data_root, region.name)
+    version, data_version = shards_versions(config, region, data_root)
+    same = unchanged_stats(data_root, "shards", region.name, version,
+                           [out / SHARDS_JSON_NAME, out / MANIFEST_NAME, *shard_files(out)])
+    if same is not None:  # unchanged: still published (a no-op when the remote copy is identical)
+        return skipped(context, "shards", same, {"path": dg.MetadataValue.path(str(out)),
+                                                 **_publish(context, config, out, region.name)})
     pairs_df = pd.read_parquet(data_root.stage_dir("pairs", region.name) / "pairs.parquet")
     # Licence/attribution of API street-view points stay in points.parquet (slim pairs): joined here by sv_id.
     pairs_df = with_provenance(pairs_df, data_root.stage_dir("streetview", region.name) / "points.parquet")
@@ -63,15 +130,23 @@ def _shards(context: dg.AssetExecutionContext, config: ShardsConfig, raster_acce
     tiles_df = pd.read_parquet(data_root.stage_dir("tiles", region.name) / "tiles.parquet")
     items = iter_items(read_items(data_root.stage_dir("stac", region.name)))
     synthetic = any(it.get("properties", {}).get("gair:synthetic") for it in items.values())
-    out = shard_dir(data_root, region.name)
     context.log.info("building shards for %d pairs over %d tiles into %s", len(pairs_df),
                      pairs_df["tile_id"].nunique(), out)
-    report = build_shards_from_pairs(
-        pairs_df, items, out, tiles=tiles_df, name=region.name, samples_per_shard=config.samples_per_shard,
-        out_size=region.grid.chip_px, signer=raster_access.signer(), gdal_env=raster_access.gdal_env(),
-        max_nodata_fraction=config.max_nodata_fraction, max_cloud_fraction=config.max_cloud_fraction,
-        sv_max_side=config.sv_max_side, synthetic=synthetic, chip_workers=config.chip_workers,
-        max_dates=config.max_dates or region.grid.items_per_tile, interleave_tiles=config.interleave_tiles)
+    try:
+        report = build_shards_from_pairs(
+            pairs_df, items, out, tiles=tiles_df, name=region.name, samples_per_shard=config.samples_per_shard,
+            out_size=region.grid.chip_px, signer=raster_access.signer(), gdal_env=raster_access.gdal_env(),
+            max_nodata_fraction=config.max_nodata_fraction, max_cloud_fraction=config.max_cloud_fraction,
+            sv_max_side=config.sv_max_side, synthetic=synthetic, chip_workers=config.chip_workers,
+            max_dates=config.max_dates or region.grid.items_per_tile, interleave_tiles=config.interleave_tiles)
+    except OSError as exc:
+        if exc.errno not in _DISK_FULL:
+            raise
+        # A full disk (or quota, or file-size limit) fails the same way on a retry: say so once, now.
+        raise dg.Failure(f"shards of {region.name}: cannot write under {out}: {exc.strerror} ([Errno {exc.errno}] "
+                         f"{errno.errorcode.get(exc.errno or 0, '')}): free space (or raise the quota) and run "
+                         f"again; the staging folder was removed and the published set, if any, is as it was",
+                         allow_retries=False) from exc
     by_reason = report.rejected_by_reason()
     for r in report.rejections[:20]:
         context.log.warning("rejected %s (%s): %s", r.key or r.sv_id, r.stage, r.reason)
@@ -90,10 +165,13 @@ def _shards(context: dg.AssetExecutionContext, config: ShardsConfig, raster_acce
              "panorama_crops": report.n_panorama_crops, "path": str(out),
              "dates_per_sample": {str(k): v for k, v in sorted(report.dates_per_sample.items())},
              "batch_diversity": shard_set.batch_diversity}
-    data_root.write_stats("shards", region.name, stats)
+    published = _publish(context, config, out, region.name)  # before the stats: a failed publish is retried whole
+    data_root.write_stats("shards", region.name, built(stats, version, data_version))
     context.log.info("%d samples in %d shards (%.1f MB), %d rejected %s", report.n_written,
                      len(shard_set.shards), total_bytes / 1e6, report.n_rejected, by_reason)
-    return dg.MaterializeResult(metadata={
+    return dg.MaterializeResult(data_version=dg.DataVersion(data_version), metadata={
+        "rebuilt": True,
+        "data_version": data_version,
         "num_samples": report.n_written,
         "num_rejected": report.n_rejected,
         "rejected_by_reason": dg.MetadataValue.json(by_reason),
@@ -105,6 +183,7 @@ def _shards(context: dg.AssetExecutionContext, config: ShardsConfig, raster_acce
         "distinct_tiles_per_batch": float((shard_set.batch_diversity or {}).get("distinct_tiles_per_batch_after", 0.0)),
         "path": dg.MetadataValue.path(str(out)),
         "preview": preview(shard_set.paths[0]),
+        **published,
     })
 
 
@@ -150,9 +229,24 @@ def manifest_matches_samples(context: dg.AssetCheckExecutionContext, data_root: 
                 description="Every shard opens, is non-empty, has dot-free keys and the full member set")
 def shards_readable_and_complete(context: dg.AssetCheckExecutionContext,
                                  data_root: DataRoot) -> dg.AssetCheckResult:
-    """Open every shard with tarfile; each sample has exactly rs.npy, sv.jpg, json; keys match the pattern."""
+    """Open every shard with tarfile; each sample has exactly rs.npy, sv.jpg, json; keys match the pattern.
+
+    A set already verified at its current data version, whose files still have the sizes and modification times
+    they had then, is not read again (an unchanged refresh); any rewrite, truncation or replacement is read.
+    """
     with data_root.region_lock(context.partition_key, shared=True):  # no run rewrites it meanwhile
         out, doc = _region_shards(data_root, context.partition_key)
+        version = (data_root.read_stats("shards", context.partition_key) or {}).get("data_version")
+        record = data_root.path / ".checks" / "shards_readable" / f"{context.partition_key}.json"
+        files = _file_signatures(out, doc)
+        try:
+            earlier = json.loads(record.read_text())
+        except (OSError, ValueError):
+            earlier = {}
+        if version is not None and earlier.get("data_version") == version and earlier.get("files") == files:
+            return dg.AssetCheckResult(passed=True, metadata={
+                "samples_read": 0, "samples_verified_earlier": int(earlier.get("samples", 0)),
+                "shards": len(doc["shards"]), "problems": dg.MetadataValue.json([])})
         problems: list[str] = []
         total = 0
         for s in doc["shards"]:
@@ -173,5 +267,19 @@ def shards_readable_and_complete(context: dg.AssetCheckExecutionContext,
             if n != int(s["n_samples"]):
                 problems.append(f"{s['path']}: {n} samples, shards.json says {s['n_samples']}")
             total += n
+        if not problems and version is not None:
+            atomic_write_json(record, {"data_version": version, "files": files, "samples": total})
         return dg.AssetCheckResult(passed=not problems, metadata={"samples_read": total, "shards": len(doc["shards"]),
                                                                   "problems": dg.MetadataValue.json(problems[:20])})
+
+
+def _file_signatures(out: Path, doc: dict) -> dict[str, list[int]]:
+    """``{file: [size, mtime_ns]}`` of a shard set's listed files, manifest and shards.json (-1: missing)."""
+    sigs = {}
+    for name in [SHARDS_JSON_NAME, MANIFEST_NAME, *(s["path"] for s in doc["shards"])]:
+        try:
+            st = (out / name).stat()
+            sigs[name] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            sigs[name] = [-1, -1]
+    return sigs

@@ -1,6 +1,7 @@
 """STAC discovery and the tile grid, per region partition."""
 
 
+import io
 import json
 from urllib.parse import parse_qsl, urlsplit
 
@@ -8,16 +9,27 @@ import dagster as dg
 import geopandas as gpd
 import pandas as pd
 
-from gair_dataset.atomic import atomic_path
+from gair_dataset.atomic import atomic_write_bytes
 from gair_dataset.signing import TOKEN_PARAMS
 from gair_dataset.stac_catalog import (
     StacSearchError,
     items_to_geodataframe,
     read_items,
+    unsign_item,
     validate_items,
     write_items,
 )
 from gair_dataset.tile_grid import build_tiles, tiles_summary
+from pipelines.common.incremental import (
+    CODE_VERSIONS,
+    built,
+    files_version,
+    input_version,
+    skipped,
+    unchanged_stats,
+    upstream_versions,
+    version_of,
+)
 from pipelines.common.plots import figure_md, footprints_map
 from pipelines.common.policies import NETWORK_RETRY, STAC_POOL
 from pipelines.common.storage import DataRoot
@@ -25,8 +37,14 @@ from pipelines.defs.stac.resources import StacCatalog
 from pipelines.partitions import region_of, region_partitions
 
 
+def items_version(items: list[dict]) -> str:
+    """The data version of a set of items: a hash of their unsigned JSON, in id order (search order is free)."""
+    return version_of("stac", CODE_VERSIONS["stac"], sorted(json.dumps(unsign_item(it), sort_keys=True)
+                                                            for it in items))
+
+
 @dg.asset(partitions_def=region_partitions, group_name="stac", kinds={"stac", "geoparquet"},
-          pool=STAC_POOL, retry_policy=NETWORK_RETRY)
+          pool=STAC_POOL, retry_policy=NETWORK_RETRY, code_version=CODE_VERSIONS["stac"])
 def stac_items(context: dg.AssetExecutionContext, stac: StacCatalog, data_root: DataRoot) -> dg.MaterializeResult:
     """RS items found for the region (footprints as GeoParquet + unsigned item JSON)."""
     with data_root.region_lock(context.partition_key, log=context.log):
@@ -55,14 +73,23 @@ def _stac_items(context: dg.AssetExecutionContext, stac: StacCatalog, data_root:
             metadata={"search": dg.MetadataValue.json(params.describe()),
                       "rejects": dg.MetadataValue.json(rejects[:50])}, allow_retries=False)
     out = data_root.stage_dir("stac", region.name)
-    json_path, pq_path = write_items(ok, out)
+    version = items_version(ok)
+    json_path, pq_path = out / "items.json", out / "items.parquet"
+    same = unchanged_stats(data_root, "stac", region.name, version, [json_path, pq_path])
+    if same is not None and same.get("rejected") == len(rejects):
+        # The catalog returned what it returned last time: the files (and everything built on them) stay as they are.
+        return skipped(context, "stac", same, {"catalog": stac.describe(), "items_json": dg.MetadataValue.path(
+            str(json_path)), "search_params": dg.MetadataValue.json(params.describe())})
+    write_items(ok, out)
     gdf = items_to_geodataframe(ok)
     dates = sorted({d.date().isoformat() for d in gdf["datetime"]})
     stats = {"items": len(ok), "rejected": len(rejects), "synthetic": bool(gdf["synthetic"].any()),
              "dates": dates, "catalog": stac.describe()}
-    data_root.write_stats("stac", region.name, stats)
-    context.log.info("%d items kept, %d rejected", len(ok), len(rejects))
-    return dg.MaterializeResult(metadata={
+    data_root.write_stats("stac", region.name, built(stats, version, version))
+    context.log.info("%d items kept, %d rejected (data version %s)", len(ok), len(rejects), version)
+    return dg.MaterializeResult(data_version=dg.DataVersion(version), metadata={
+        "data_version": version,
+        "rebuilt": True,
         "num_items": len(ok),
         "num_rejected": len(rejects),
         "rejects": dg.MetadataValue.json(rejects[:50]),
@@ -139,7 +166,8 @@ def items_found(context: dg.AssetCheckExecutionContext, data_root: DataRoot) -> 
         "problems": dg.MetadataValue.json(problems[:20])})
 
 
-@dg.asset(partitions_def=region_partitions, group_name="stac", deps=[stac_items], kinds={"geoparquet"})
+@dg.asset(partitions_def=region_partitions, group_name="stac", deps=[stac_items], kinds={"geoparquet"},
+          code_version=CODE_VERSIONS["tiles"])
 def tile_grid(context: dg.AssetExecutionContext, data_root: DataRoot) -> dg.MaterializeResult:
     """Tile footprints (XYZ or UTM pixel grid) covered by items, with their items and spatial split."""
     with data_root.region_lock(context.partition_key, log=context.log):
@@ -150,6 +178,12 @@ def _tile_grid(context: dg.AssetExecutionContext, data_root: DataRoot) -> dg.Mat
     """The body of :func:`tile_grid`, run under the region lock."""
     region = region_of(context)
     stac_dir = data_root.stage_dir("stac", region.name)
+    out = data_root.stage_dir("tiles", region.name) / "tiles.parquet"
+    version = input_version("tiles", region, upstream_versions(data_root, region.name, ["stac"]),
+                            files=[stac_dir / "items.parquet", stac_dir / "items.json"])
+    same = unchanged_stats(data_root, "tiles", region.name, version, [out])
+    if same is not None:
+        return skipped(context, "tiles", same, {"path": dg.MetadataValue.path(str(out))})
     items = gpd.read_parquet(stac_dir / "items.parquet")
     item_dicts = read_items(stac_dir) if region.grid.kind == "item" else None  # each item's own raster grid
     try:
@@ -160,14 +194,19 @@ def _tile_grid(context: dg.AssetExecutionContext, data_root: DataRoot) -> dg.Mat
         raise dg.Failure(f"no {region.grid.kind} tile of region {region.name} is fully covered by any of the "
                          f"{len(items)} items; check the region, the zoom/tile size and the item footprints",
                          allow_retries=False)
-    out = data_root.stage_dir("tiles", region.name) / "tiles.parquet"
-    with atomic_path(out) as tmp:
-        tiles.to_parquet(tmp, index=False)
+    buf = io.BytesIO()
+    tiles.to_parquet(buf, index=False)
+    data = buf.getvalue()
+    if not (out.exists() and out.read_bytes() == data):  # the same tiles (an item's metadata changed): untouched
+        atomic_write_bytes(out, data)
     summary = tiles_summary(tiles)
-    data_root.write_stats("tiles", region.name, {**summary, "grid": region.grid.kind})
+    data_version = files_version(out)
+    data_root.write_stats("tiles", region.name, built({**summary, "grid": region.grid.kind}, version, data_version))
     colors = tiles["split"].map({"train": "tab:blue", "val": "tab:orange", "test": "tab:red"}).tolist()
     context.log.info("%d tiles (%s grid), splits %s", len(tiles), region.grid.kind, summary["splits"])
-    return dg.MaterializeResult(metadata={
+    return dg.MaterializeResult(data_version=dg.DataVersion(data_version), metadata={
+        "rebuilt": True,
+        "data_version": data_version,
         "num_tiles": len(tiles),
         "grid": dg.MetadataValue.json({"kind": region.grid.kind, "zoom": region.grid.zoom,
                                        "tile_px": region.grid.tile_px, "resolution": region.grid.resolution,

@@ -8,6 +8,7 @@
 """
 
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -53,6 +54,32 @@ class StreetViewPoints(dg.ConfigurableResource):
         if source.kind == "exif_folder":
             return load_exif_folder(path)
         return load_table(path, source.image_root), empty_rejects()
+
+    def source_fingerprint(self, region: RegionConfig, data_root: DataRoot) -> str | None:
+        """A hash of a file source as it is now (a table's bytes; a folder's names, sizes and times), else None.
+
+        Lets ``sv_points`` skip reading an unchanged file source. None for APIs: they are asked again every time.
+        An image rewritten in place under the same name is not seen (its path in the table is unchanged).
+        """
+        source = region.streetview
+        if source.is_api:
+            return None
+        sample_dir = data_root.sample() if source.uses_sample else None
+        path = source.resolve(Path(region.base_dir), sample_dir)
+        h = hashlib.blake2b(digest_size=12)
+        try:
+            if path.is_dir():
+                for f in sorted(path.rglob("*")):
+                    if f.is_file():
+                        st = f.stat()
+                        h.update(f"{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            else:
+                with open(path, "rb") as fh:
+                    while chunk := fh.read(1 << 22):
+                        h.update(chunk)
+        except OSError:
+            return None  # missing or unreadable: loading it says what is wrong
+        return h.hexdigest()
 
     def load_region(self, region: RegionConfig, data_root: DataRoot) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Return ``(points, read_rejects)`` for a region, from its files or its API.
