@@ -82,7 +82,15 @@ VISIBLE_BANDS = frozenset({"B02", "B03", "B04", "blue", "green", "red", "coastal
 
 
 class ChipReadError(RuntimeError):
-    """A band asset could not be opened or read (message already redacted)."""
+    """A band asset could not be opened or read (message already redacted).
+
+    Attributes:
+        href: The unsigned href that failed (None when unknown).
+    """
+
+    def __init__(self, message: str, href: str | None = None) -> None:
+        super().__init__(message)
+        self.href = href
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,9 @@ class ChipResult:
     crs: str | None = None
     sources: list[str] = field(default_factory=list)
     """Unsigned, query-free hrefs that were read."""
+    failed_hrefs: list[str] = field(default_factory=list)
+    """Unsigned hrefs whose open or read failed (an I/O error, not a verdict on the data): see
+    :meth:`ChipReader.forget_cached` before reading them again."""
     harmonize_clipped: float = 0.0
     """Fraction of the valid pixels whose visible bands all were at or below the Sentinel-2 offset (clipped to 1
     when removing it): near 0 for data that carries the offset, large for data already harmonised."""
@@ -416,7 +427,35 @@ class ChipReader:
                 message = f"{type(exn).__name__}: {redact_text(str(exn))}"
                 break
         # Raised outside the except block so that no exception context carries the signed href.
-        raise ChipReadError(f"cannot read {redact_url(href)}: {message}")
+        raise ChipReadError(f"cannot read {redact_url(href)}: {message}", href)
+
+    def drop(self, hrefs: Sequence[str]) -> None:
+        """Close the datasets open on these (unsigned) hrefs, if any."""
+        for href in hrefs:
+            self._drop(href)
+
+    def forget_cached(self, hrefs: Sequence[str]) -> None:
+        """Close these hrefs and drop what GDAL's process-wide ``/vsicurl/`` cache holds for them.
+
+        GDAL neither retries a range answer cut mid-body nor forgets it: the short bytes stay cached for the
+        process, so every later read of that part of the file fails too. Opening one handle with
+        ``CPL_VSIL_CURL_NON_CACHED`` set makes GDAL invalidate that URL's cached regions and size when the
+        handle closes. Call this only while no other thread is inside a GDAL read (the cache is shared).
+
+        Args:
+            hrefs: Unsigned hrefs, as in :attr:`ChipResult.failed_hrefs`; local paths are ignored.
+        """
+        for href in hrefs:
+            self._drop(href)
+            path = to_gdal_path(self._sign(href))
+            if not path.startswith("/vsi"):
+                continue
+            prefix = path[:path.index("/", 1) + 1]  # "/vsicurl/", "/vsis3/": GDAL splits the option at ":"
+            try:
+                with rasterio.Env(**self.env_options, CPL_VSIL_CURL_NON_CACHED=prefix), rasterio.open(path):
+                    pass
+            except (RasterioError, OSError):  # the handle was opened and closed all the same
+                log.debug("reopening %s to clear its cached bytes failed", redact_url(href))
 
     # -- reading ----------------------------------------------------------------------------
     def read(self, item: Mapping[str, Any], tile: TileSpec, *, bands: Sequence[str] | None = None,
@@ -459,6 +498,7 @@ class ChipReader:
             if raise_on_error:
                 raise
             result.rejected_reason = f"read_error: {exn}"
+            result.failed_hrefs = [exn.href] if exn.href else []
             return result
         result.harmonized = plan.offset > 0
         n = invalid.size

@@ -19,7 +19,7 @@ import os
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -174,6 +174,8 @@ class BuildReport:
     rejections: list[Rejection] = field(default_factory=list)
     shards: ShardSetInfo | None = None
     n_chip_reads: int = 0
+    n_chip_retries: int = 0
+    """Tiles read a second time after an I/O error (a connection cut mid-read, say)."""
     n_reencoded_sv: int = 0
     n_panorama_crops: int = 0
     dates_per_sample: Counter[int] = field(default_factory=Counter)
@@ -321,6 +323,7 @@ def build_shards_from_pairs(
                 report.n_written += 1
                 report.dates_per_sample[len(tc.chips)] += 1
     report.n_chip_reads = chips.n_reads
+    report.n_chip_retries = chips.n_retries
     report.shards = writer.info
     log.info("shards %s: %d pairs -> %d samples (dates per sample %s), %d rejected %s", name, report.n_pairs,
              report.n_written, dict(sorted(report.dates_per_sample.items())), report.n_rejected,
@@ -387,18 +390,22 @@ class ChipPrefetcher:
     Each worker thread owns a :class:`ChipReader` (rasterio datasets are not shared across threads).
     ``get(tile_id)`` must be called in tile order; a tile's chips are read once, trying its items in
     ``item_ids`` order (least cloudy first) and keeping every one that passes the nodata/cloud limits, up
-    to ``max_dates`` (None: all).
+    to ``max_dates`` (None: all). A tile whose read failed on I/O (not on its data) is read once more by
+    ``get``, in the calling thread once every read in flight has finished, with GDAL's cached bytes of the
+    failed files dropped first: the tile order, hence the output, is the same as a read that never failed.
     """
 
     def __init__(self, tiles: Sequence[Mapping[str, Any]], items: Mapping[str, Mapping[str, Any]], *,
                  workers: int = 4, signer: Signer | None = None, gdal_env: Mapping[str, Any] | None = None,
                  max_dates: int | None = None, **chip_kw: Any) -> None:
         self.tiles = list(tiles)
+        self._rows = {str(p["tile_id"]): p for p in self.tiles}
         self.items = items
         self.workers = max(1, int(workers))
         self.max_dates = max_dates
         self.signer, self.gdal_env, self.chip_kw = signer, gdal_env, chip_kw
         self.n_reads = 0
+        self.n_retries = 0
         self._local = threading.local()
         self._readers: list[ChipReader] = []
         self._lock = threading.Lock()
@@ -432,9 +439,10 @@ class ChipPrefetcher:
             self._futures[str(p["tile_id"])] = self._pool.submit(self._read, p)
             self._next += 1
 
-    def _read(self, p: Mapping[str, Any]) -> tuple[TileChips, int]:
+    def _read(self, p: Mapping[str, Any]) -> tuple[TileChips, int, list[str]]:
         tile = TileSpec.from_row(p)
         reasons: list[str] = []
+        failed: list[str] = []
         reads = 0
         chips: list[ChipResult] = []
         used: list[Mapping[str, Any] | None] = []
@@ -447,6 +455,7 @@ class ChipPrefetcher:
                 continue
             reads += 1
             chip = self._reader().read(item, tile, **self.chip_kw)
+            failed.extend(chip.failed_hrefs)
             if not chip.ok or chip.array is None:
                 reasons.append(f"{item_id}: {chip.rejected_reason}")
                 continue
@@ -458,7 +467,7 @@ class ChipPrefetcher:
             used.append(item)
         if not chips:
             reason = "; ".join(reasons) if reasons else "no item_ids"
-            return TileChips([], [], None, [], rejected_reason=reason), reads
+            return TileChips([], [], None, [], rejected_reason=reason), reads, failed
         dates = [date_entry(item, chip) for chip, item in zip(chips, used, strict=True)]
         if len(chips) == 1:
             array = chips[0].array
@@ -466,7 +475,7 @@ class ChipPrefetcher:
             array = np.stack([c.array for c in chips if c.array is not None])
             for c in chips:
                 c.array = None  # stacked: keep one copy of the pixels
-        return TileChips(chips, used, array, dates), reads
+        return TileChips(chips, used, array, dates), reads, failed
 
     def get(self, tile_id: str) -> TileChips:
         """The chips (one per date, and their items) of the next tile; tiles must be asked for in order."""
@@ -475,10 +484,27 @@ class ChipPrefetcher:
         future = self._futures.pop(tile_id, None)
         if future is None:
             raise KeyError(f"tile {tile_id} requested out of order")
-        tc, reads = future.result()
+        tc, reads, failed = future.result()
         self.n_reads += reads
+        if failed:
+            tc = self._read_again(tile_id, failed)
         self._current = (tile_id, tc)
         self._fill()
+        return tc
+
+
+    def _read_again(self, tile_id: str, failed: list[str]) -> TileChips:
+        """Read a tile again after an I/O error, alone: no other read runs while GDAL's cache is cleared."""
+        wait(list(self._futures.values()))  # the worker threads are idle (nothing new is submitted meanwhile)
+        for other in self._readers:
+            other.drop(failed)
+        self._reader().forget_cached(failed)  # the calling thread's own reader
+        log.info("tile %s: %d file(s) failed to read; reading the tile again", tile_id, len(set(failed)))
+        self.n_retries += 1
+        tc, reads, still = self._read(self._rows[tile_id])
+        self.n_reads += reads
+        if still:
+            log.warning("tile %s: read failed again: %s", tile_id, tc.rejected_reason or "a date was lost")
         return tc
 
 

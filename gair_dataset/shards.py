@@ -10,8 +10,11 @@ One sample per (SV image, RS tile) pair, see DESIGN.md section 3:
 * shards ``<name>-%06d.tar`` with fixed tar metadata (mtime, uid, gid, names, mode), so the
   same inputs in the same order give byte-identical shards;
 * every shard is written into a staging folder of its own run,
-  ``<out_dir>/.staging-<host>-<pid>-<random>/``, and ``os.replace``-d into place when complete, so
-  readers never see a partial shard; a failed run removes its staging folder, a killed run leaves
+  ``<out_dir>/.staging-<host>-<pid>-<random>/``; only when the whole set is written are the previous
+  set's ``shards.json``/``manifest.parquet`` removed, the new shards ``os.replace``-d into place, the
+  previous set's extra shards removed and the new manifest written. Until then the previous set stays
+  published, complete and untouched (a failed or killed rebuild leaves it as it was, at the cost of
+  disk space for both sets meanwhile); a failed run removes its staging folder, a killed run leaves
   it behind, and a later run on the same host removes it once its process is gone (a live run's
   staging folder is never touched);
 * ``manifest.parquet`` (one row per sample, in write order) and ``shards.json`` (per-shard counts,
@@ -319,11 +322,11 @@ def remove_stale_staging(out_dir: str | os.PathLike[str]) -> list[Path]:
 class ShardWriter:
     """Stream samples into deterministic, atomically published ``<name>-%06d.tar`` shards.
 
-    Use as a context manager; :meth:`close` (called on a clean exit) publishes the last shard
-    and writes the manifest. On an exception (:meth:`abort`) the current shard is dropped with this
-    writer's staging folder and no manifest is written. Each writer stages in a folder of its own, so
-    two writers never share a temporary file; two writing the same ``out_dir`` at once still replace
-    each other's shards (the pipelines serialise them with the region lock).
+    Use as a context manager; :meth:`close` (called on a clean exit) publishes every shard and writes
+    the manifest. On an exception (:meth:`abort`) the staged shards are dropped with this writer's
+    staging folder, and the set published before (if any) is left as it was. Each writer stages in a
+    folder of its own, so two writers never share a temporary file; two writing the same ``out_dir`` at
+    once still replace each other's shards (the pipelines serialise them with the region lock).
 
     Example:
         >>> with ShardWriter(out_dir, name="train", samples_per_shard=500) as w:  # doctest: +SKIP
@@ -333,7 +336,7 @@ class ShardWriter:
 
     def __init__(self, out_dir: str | os.PathLike[str], *, name: str = "shard",
                  samples_per_shard: int = 1000, fsync: bool = True, manifest: bool = True) -> None:
-        """Prepare ``out_dir``: a staging folder of this writer's own, no previous manifest.
+        """Prepare ``out_dir``: a staging folder of this writer's own (a published set is left alone until close).
 
         Staging folders left by killed writers of this host are removed; another live writer's never is.
 
@@ -367,10 +370,6 @@ class ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(self.out_dir)
         self.staging.mkdir()
-        # An old manifest would describe shards we are about to replace: drop it first so that
-        # "manifest present" keeps meaning "shard set complete".
-        for fname in (MANIFEST_NAME, SHARDS_JSON_NAME):
-            (self.out_dir / fname).unlink(missing_ok=True)
 
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> ShardWriter:
@@ -408,9 +407,7 @@ class ShardWriter:
         if self.fsync:
             os.fsync(self._fh.fileno())
         self._fh.close()
-        fname = shard_name(self.name, self._index)
-        final = self.out_dir / fname
-        publish(self.staging / fname, final)
+        final = self.out_dir / shard_name(self.name, self._index)  # its place once the whole set is written
         self.info.shards.append(ShardInfo(
             path=str(final), n_samples=self._n_in_shard, bytes=self._offset,
             sha256=self._sha.hexdigest(), first_key=self._first_key, last_key=self._last_key or "",
@@ -488,7 +485,11 @@ class ShardWriter:
         shutil.rmtree(self.staging, ignore_errors=True)
 
     def close(self) -> ShardSetInfo:
-        """Publish the last shard, remove stale shards of this name, write the manifest.
+        """Publish the set: finish the last shard, swap the shards in, remove stale ones, write the manifest.
+
+        The previous set's manifest goes first (an old manifest must never describe new shards), then every
+        staged shard is renamed into place; the new manifest is written last. A crash in between leaves no
+        manifest: the set reads as absent, never as complete with mixed shards.
 
         Returns:
             The :class:`ShardSetInfo` of what was written.
@@ -498,6 +499,10 @@ class ShardWriter:
         if self._fh is not None and self._n_in_shard > 0:
             self._publish_shard()
         self._closed = True
+        for fname in (SHARDS_JSON_NAME, MANIFEST_NAME):
+            (self.out_dir / fname).unlink(missing_ok=True)
+        for shard in self.info.shards:
+            publish(self.staging / Path(shard.path).name, shard.path)
         written = {Path(s.path).name for s in self.info.shards}
         for old in self.out_dir.glob(f"{self.name}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
             if old.name not in written:

@@ -203,15 +203,17 @@ _KILL_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_sigkill_leaves_no_partial_shard_and_rerun_matches(tmp_path: Path) -> None:
+def test_sigkill_mid_rebuild_leaves_the_previous_set_intact_and_rerun_matches(tmp_path: Path) -> None:
     ref = write_synthetic_shards(tmp_path / "ref", 50, rs_size=16, sv_size=16, samples_per_shard=10, seed=5)
     out = tmp_path / "killed"
+    old = write_synthetic_shards(out, 30, rs_size=16, sv_size=16, samples_per_shard=10, seed=9)  # published before
+    old_files = {p.name: _sha(p) for p in out.iterdir() if p.is_file()}
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-c", _KILL_SCRIPT, str(out), "50", "0.02"]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO)
     deadline = time.monotonic() + 60
     try:
-        while not (out / "synthetic-000001.tar").exists():  # at least two shards done, more pending
+        while not list(out.glob(f"{STAGING_DIRNAME}-*-{proc.pid}-*/synthetic-000002.tar")):  # two staged shards done
             assert proc.poll() is None, "writer finished before it could be killed"
             assert time.monotonic() < deadline
             time.sleep(0.005)
@@ -220,18 +222,26 @@ def test_sigkill_leaves_no_partial_shard_and_rerun_matches(tmp_path: Path) -> No
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    visible = sorted(out.glob("*.tar"))
-    assert 2 <= len(visible) < 5
-    assert not (out / "shards.json").exists() and not (out / "manifest.parquet").exists()
-    staged = list(out.glob(f"{STAGING_DIRNAME}-*-{proc.pid}-*/*.tar"))
-    assert staged, "the interrupted shard should be left in the killed run's own staging folder only"
-    ref_sha = {Path(p).name: _sha(p) for p in ref}
-    for p in visible:  # every visible shard is complete
-        assert _sha(p) == ref_sha[p.name]
+    # the set published before is still there, complete and byte for byte the same
+    assert {p.name: _sha(p) for p in out.iterdir() if p.is_file()} == old_files
+    assert [Path(p).name for p in old] == sorted(p.name for p in out.glob("*.tar"))
+    staged = sorted(p.name for p in out.glob(f"{STAGING_DIRNAME}-*-{proc.pid}-*/*.tar"))
+    assert staged[:3] == ["synthetic-000000.tar", "synthetic-000001.tar", "synthetic-000002.tar"]
     rerun = write_synthetic_shards(out, 50, rs_size=16, sv_size=16, samples_per_shard=10, seed=5)
     assert [_sha(p) for p in rerun] == [_sha(p) for p in ref]
     assert not list(out.glob(f"{STAGING_DIRNAME}*"))  # the killed run's staging folder is gone with it
     assert read_shards_json(out) == read_shards_json(tmp_path / "ref")
+
+
+def test_failed_rebuild_keeps_the_previous_set(tmp_path: Path) -> None:
+    write_shards(_samples(30), tmp_path, name="s", samples_per_shard=10)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    samples = _samples(25)
+    with pytest.raises(ShardWriteError, match="duplicate"):
+        write_shards([*samples, samples[0]], tmp_path, name="s", samples_per_shard=10)  # fails after two shards
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert not list(tmp_path.glob(f"{STAGING_DIRNAME}*"))
+    assert read_shards_json(tmp_path)["n_samples"] == 30
 
 
 @pytest.mark.parametrize("key_len", [10, 93, 120])

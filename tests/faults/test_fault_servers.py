@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,6 +90,38 @@ def test_expired_cached_token_is_replaced_after_403(tmp_path):
         assert chip.ok, chip.rejected_reason
         assert reader.n_resigned == 1 and server.count(403, "expired") == 1
         assert server.state.tokens_issued == 2  # the expired one, then a fresh one after the 403
+
+
+def test_connection_cut_mid_read_is_forgotten_and_read_again(tmp_path):
+    """GDAL keeps a range answer cut mid-body in its /vsicurl/ cache: reading again fails until it is forgotten."""
+    import rasterio
+
+    patch = shared_path("rasters", "s2_l2a_patches", "images", "patch_252161.tif")
+    shutil.copy(patch, tmp_path / "patch.tif")
+    with rasterio.open(patch) as src:
+        left, top = src.bounds.left, src.bounds.top
+        crs = src.crs.to_string()
+        expected = src.read(1, window=((0, 64), (0, 64)))
+    item = {"id": "p", "collection": "unknown", "properties": {},
+            "assets": {"data": {"href": "", "eo:bands": [{"name": "B02"}]}}}
+    tile = TileSpec(crs, (left, top - 640, left + 640, top), 64, 64, "t")
+    kw = {"bands": ["B02"], "max_cloud_fraction": None, "harmonize": False}
+    with FaultyRasterServer(tmp_path) as server:
+        href = f"{server.url}/p/patch.tif"
+        item["assets"]["data"]["href"] = href
+        LoopbackSigner.forget_all()
+        with ChipReader(signer=LoopbackSigner(server.token_url), gdal_env={"GDAL_HTTP_MAX_RETRY": 0}) as reader:
+            server.cut_next(1)
+            cut = reader.read(item, tile, **kw)
+            assert server.count(206, "cut") == 1
+            assert cut.rejected_reason and cut.rejected_reason.startswith("read_error")
+            assert cut.failed_hrefs == [href] and "sig=" not in cut.rejected_reason
+            again = reader.read(item, tile, **kw)  # the short bytes are still cached: no new request helps
+            assert not again.ok and again.failed_hrefs == [href]
+            reader.forget_cached(again.failed_hrefs)
+            chip = reader.read(item, tile, **kw)
+    assert chip.ok and chip.failed_hrefs == [], chip.rejected_reason
+    np.testing.assert_array_equal(chip.array[0], expected)
 
 
 def test_planetary_computer_signer_refresh_drops_cached_tokens():

@@ -161,7 +161,8 @@ def _shards(context: dg.AssetExecutionContext, config: ShardsConfig, raster_acce
               pd.read_parquet(out / MANIFEST_NAME, columns=["split"])["split"].value_counts().items()}
     stats = {"pairs": report.n_pairs, "samples": report.n_written, "rejected": report.n_rejected,
              "rejected_by_reason": by_reason, "shards": len(shard_set.shards), "bytes": total_bytes,
-             "splits": splits, "chip_reads": report.n_chip_reads, "sv_reencoded": report.n_reencoded_sv,
+             "splits": splits, "chip_reads": report.n_chip_reads, "chip_retries": report.n_chip_retries,
+             "sv_reencoded": report.n_reencoded_sv,
              "panorama_crops": report.n_panorama_crops, "path": str(out),
              "dates_per_sample": {str(k): v for k, v in sorted(report.dates_per_sample.items())},
              "batch_diversity": shard_set.batch_diversity}
