@@ -83,20 +83,21 @@ def redact_log_text(text: str) -> str:
     return _AUTH_VALUE.sub(lambda m: f"{m.group(1)}{REDACTED}", text)
 
 
-def strip_token_params(url: str) -> str:
-    """``url`` without its credential query parameters (:data:`TOKEN_PARAMS`) and fragment; other parameters kept.
+def strip_token_params(url: str, *, keep_fragment: bool = False) -> str:
+    """``url`` without its credential query parameters (:data:`TOKEN_PARAMS`); other parameters kept.
 
     Args:
-        url: a URL (anything without a query is returned unchanged).
+        url: a URL (anything without a query, or fragment, is returned unchanged).
+        keep_fragment: Keep the ``#fragment`` (dropped by default: some APIs put tokens there).
 
     Returns:
         The URL, e.g. ``https://h/p?pKey=1&access_token=X`` -> ``https://h/p?pKey=1``.
     """
     parts = urlsplit(str(url))
-    if not parts.query and not parts.fragment:
+    if not parts.query and (keep_fragment or not parts.fragment):
         return str(url)
     kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k.lower() not in TOKEN_PARAMS]
-    return urlunsplit(parts._replace(query=urlencode(kept), fragment=""))
+    return urlunsplit(parts._replace(query=urlencode(kept), fragment=parts.fragment if keep_fragment else ""))
 
 
 def planetary_computer_signer() -> Signer:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
+from urllib.parse import urljoin, urlsplit
 
 import geopandas as gpd
 import shapely
@@ -26,7 +26,7 @@ from shapely.geometry import box, shape
 from gair_dataset.atomic import atomic_path
 from gair_dataset.bands import processing_baseline
 from gair_dataset.geo import check_bbox
-from gair_dataset.signing import TOKEN_PARAMS
+from gair_dataset.signing import redact_text, strip_token_params
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,8 @@ class SearchParams:
 
 
 def strip_sas_token(href: str) -> str:
-    """Remove signature/token query parameters from a URL, keep the rest."""
-    parts = urlsplit(href)
-    if not parts.query:
-        return href
-    kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k.lower() not in TOKEN_PARAMS]
-    return urlunsplit(parts._replace(query=urlencode(kept)))
+    """Remove signature/token query parameters from a URL, keep the rest (fragment included)."""
+    return strip_token_params(href, keep_fragment=True)
 
 
 def unsign_item(item: dict) -> dict:
@@ -367,7 +363,7 @@ def search_live(url: str, params: SearchParams, *, modifier: Callable[[Any], Non
         raise StacSearchError(f"{where} failed: malformed response: missing field {exc}") from exc
     except (APIError, ClientTypeError, PystacClientWarning, STACError, requests.RequestException, OSError,
             ValueError, TypeError) as exc:
-        raise StacSearchError(f"{where} failed: {type(exc).__name__}: {strip_sas_token(str(exc))[:500]}") from exc
+        raise StacSearchError(f"{where} failed: {type(exc).__name__}: {redact_text(str(exc))[:500]}") from exc
     # Client-side guard: servers without the query extension ignore the cloud filter.
     kept = [it for it in items if matches(it, params)]
     if len(kept) < len(items):

@@ -8,6 +8,7 @@ import math
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
 import requests
@@ -95,6 +96,20 @@ class ItemCollector:
         """``(records, rejects)``, at most ``max_points`` records."""
         out = list(self.records.values())
         return (out[:max_points] if max_points is not None else out), self.rejects
+
+
+def api_endpoint(base_url: str, path: str) -> str:
+    """``path`` under the API root ``base_url``, keeping the root's own query string (a tenant or version parameter).
+
+    Args:
+        base_url: the configured API root, e.g. ``https://h/api`` or ``https://h/api?tenant=x``.
+        path: the endpoint below it, e.g. ``search``.
+
+    Returns:
+        e.g. ``https://h/api/search?tenant=x`` (``requests`` appends the search parameters after that query).
+    """
+    parts = urlsplit(base_url)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + path.lstrip("/")))
 
 
 def page_url(url: str, params: dict[str, Any] | None = None) -> str:

@@ -21,7 +21,7 @@ import pandas as pd
 import requests
 
 from gair_dataset.signing import strip_token_params
-from gair_dataset.sv_sources.common import ItemCollector, download_images, next_page, page_url, split_bbox
+from gair_dataset.sv_sources.common import ItemCollector, api_endpoint, download_images, next_page, page_url, split_bbox
 from gair_dataset.sv_sources.http import ApiError, get_json
 from gair_dataset.sv_sources.images import ImageCache
 
@@ -89,7 +89,7 @@ def search_mapillary(bbox: tuple[float, float, float, float], *, token: str, ses
                           drop=[f"{s}_url" for s in THUMB_SIZES])
     seen: set[str] = set()
     for cell in split_bbox(bbox, cell_deg):
-        url: str | None = f"{api}/images"
+        url: str | None = api_endpoint(api, "images")
         params: dict[str, Any] | None = {"bbox": ",".join(f"{v:.7f}" for v in cell), "fields": fields,
                                          "limit": page_size}
         while url and (max_points is None or len(items.records) < max_points):

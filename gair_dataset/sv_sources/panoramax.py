@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 import requests
 
-from gair_dataset.sv_sources.common import ItemCollector, download_images, next_page, page_url
+from gair_dataset.sv_sources.common import ItemCollector, api_endpoint, download_images, next_page, page_url
 from gair_dataset.sv_sources.http import ApiError, get_json, redact_url
 from gair_dataset.sv_sources.images import ImageCache
 
@@ -91,7 +91,7 @@ def search_panoramax(bbox: tuple[float, float, float, float], *, session: reques
     if size not in ASSET_SIZES:
         raise ValueError(f"Panoramax image_size must be one of {ASSET_SIZES}, got {size!r}")
     api = (base_url or PANORAMAX_URL).rstrip("/")
-    url: str | None = f"{api}/search"
+    url: str | None = api_endpoint(api, "search")
     params: dict[str, Any] | None = {"bbox": ",".join(f"{v:.7f}" for v in bbox), "limit": page_size}
     items = ItemCollector("Panoramax", "pnx-", lambda item: _record(item, size))
     seen: set[str] = set()

@@ -190,3 +190,25 @@ def test_sv_points_asset_stores_no_signed_href_and_names_no_credential(monkeypat
         src, url="https://pnx.example/api?client_id=SECRETCLIENT&x=1"))
     assert "SECRET" not in _where(region) and "SECRET" not in json.dumps(_describe(region))
     assert _describe(region)["url"] == "https://pnx.example/api?x=1"
+
+
+@pytest.mark.parametrize("api", ["mapillary", "panoramax"])
+def test_api_root_with_its_own_query_string_keeps_it(fake, tmp_path, api):
+    """A configured API root such as ``https://h/api?tenant=x`` gets its endpoint path before that query."""
+    plain = {"mapillary": f"{fake.base}/mapillary", "panoramax": f"{fake.base}/panoramax/api"}[api]
+
+    def fetch(root: str, folder: str):
+        with make_session(FAST) as session:
+            cache = ImageCache(tmp_path / folder, session, timeout_s=5)
+            if api == "mapillary":
+                return fetch_mapillary(LUND, token=MLY_TOKEN, session=session, cache=cache, base_url=root,
+                                       token_env="MAPILLARY_TOKEN", cell_deg=1.0, page_size=50)
+            return fetch_panoramax(LUND, session=session, cache=cache, base_url=root, page_size=50)
+
+    expected, _ = fetch(plain, "a")
+    fake.requests.clear()
+    records, _ = fetch(f"{plain}?tenant=lund", "b")
+    assert len(records) == len(expected) > 0
+    assert list(records["sv_id"]) == list(expected["sv_id"])
+    first = next(path for _, path, _ in fake.requests if path.startswith(SEARCH[api]))
+    assert "tenant=lund" in first and "bbox=" in first
