@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tarfile
@@ -267,16 +269,25 @@ def bench_writer(repeats: int, n: int = 400, per_shard: int = 100) -> dict:
     total = sum(len(a) + len(b) + len(c) for _, a, b, c in encoded)
     tmp = Path(tempfile.mkdtemp(prefix="shards_bench_"))
 
+    runs = itertools.count()
+
+    def fresh(variant: str) -> Path:
+        """A new, empty folder per run (the variant's previous one removed): every run writes a set from scratch,
+        none replaces the files the previous run left dirty in the page cache."""
+        for old in tmp.glob(f"{variant}-*"):
+            shutil.rmtree(old)
+        return tmp / f"{variant}-{next(runs)}"
+
     def ours(fsync: bool) -> Callable[[], None]:
         def run() -> None:
-            with ShardWriter(tmp / f"ours_{fsync}", name="b", samples_per_shard=per_shard, fsync=fsync) as w:
+            with ShardWriter(fresh(f"ours_{fsync}"), name="b", samples_per_shard=per_shard, fsync=fsync) as w:
                 for k, rs, sv, m in samples:
                     w.write(k, rs, sv, m)
         return run
 
     def raw() -> None:
-        out = tmp / "raw"
-        out.mkdir(exist_ok=True)
+        out = fresh("raw")
+        out.mkdir()
         for s in range(0, n, per_shard):
             with tarfile.open(out / f"b-{s // per_shard:06d}.tar", "w") as tf:
                 for k, a, b, c in encoded[s:s + per_shard]:
@@ -288,8 +299,6 @@ def bench_writer(repeats: int, n: int = 400, per_shard: int = 100) -> dict:
     try:
         t = _median_runs({"ours": ours(False), "ours_fsync": ours(True), "raw_tarfile": raw}, repeats)
     finally:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in t.items()}
     mb = total / 1e6

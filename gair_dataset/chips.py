@@ -277,6 +277,8 @@ class _ReadPlan:
     """
 
     reads: list[tuple[str, list[int], list[int], float | None]]
+    spans: list[slice | None]
+    """Per read: its output positions as a slice when they are consecutive (read straight into the chip)."""
     redacted: tuple[str, ...]
     cloud: tuple[str, CloudMask] | None
     offset: int
@@ -298,8 +300,10 @@ class _OpenDataset:
         self.nodata = ds.nodata
         self.crs = ds.crs
         self.uint16 = all(d == "uint16" for d in ds.dtypes)
-        #: uint16 without per-dataset masks or alpha: a plain window read gives the chip (``ChipReader._plain_read``)
-        self.plain = self.uint16 and not any(f & _MASK_OR_ALPHA for f in self.mask_flags)
+        #: uint8 (NAIP) or uint16 without per-dataset masks or alpha: a plain window read, converted to uint16 by
+        #: GDAL as it reads, gives the chip (``ChipReader._plain_read``)
+        self.plain = (self.uint16 or all(d == "uint8" for d in ds.dtypes)) \
+            and not any(f & _MASK_OR_ALPHA for f in self.mask_flags)
         self.transform = ds.transform
         self._north_up = self.transform.b == 0 and self.transform.d == 0
         self.width, self.height = ds.width, ds.height
@@ -532,27 +536,21 @@ class ChipReader:
         Zero-nodata reads (the common case) are checked for zeros once over the whole chip, and the offset is
         removed once, after every read.
         """
-        out: np.ndarray | None = None
+        several = len(plan.reads) > 1
+        out = np.empty((len(plan.bands), height, width), dtype=np.uint16) if several else None
         invalid: np.ndarray | None = None
         zeros_of: list[list[int]] = []  # output positions whose nodata is "any zero"
-        for href, positions, indexes, nodata in plan.reads:
-            target = None
-            if len(plan.reads) > 1:
-                if out is None:
-                    out = np.empty((len(plan.bands), height, width), dtype=np.uint16)
-                if positions == list(range(positions[0], positions[0] + len(positions))):
-                    target = out[positions[0]:positions[0] + len(positions)]  # read straight into ``out``
+        for (href, positions, indexes, nodata), span in zip(plan.reads, plan.spans, strict=True):
+            target = None if out is None or span is None else out[span]  # read straight into ``out``
             data = self._plain_read(href, indexes, tile, dst_crs, height, width, nodata, plan.nodata, target)
             bad = None
             if data is None:
                 data, bad = self._read_asset(href, indexes, tile, dst_crs, height, width, nodata,
                                              plan.nodata, Resampling.bilinear, target)
-            if len(plan.reads) == 1:
+            if out is None:
                 out = data  # one asset holds every band: no copy
-            else:
-                assert out is not None
-                if data is not target:
-                    out[positions] = data
+            elif data is not target:
+                out[positions] = data
             if bad is None:
                 zeros_of.append(positions)
             elif invalid is None:
@@ -573,8 +571,8 @@ class ChipReader:
                     nodata: float | None, default_nodata: float, target: np.ndarray | None) -> np.ndarray | None:
         """The hot path of a warm reader, or None for anything else.
 
-        A window read of an open uint16, zero-nodata, unmasked asset whose grid the tile lies on. None sends the
-        read to :meth:`_read_asset`, which opens, re-signs after a 403 and reports errors.
+        A window read of an open uint8 or uint16, zero-nodata, unmasked asset whose grid the tile lies on. None
+        sends the read to :meth:`_read_asset`, which opens, re-signs after a 403 and reports errors.
         """
         entry = self._open.get(href)
         if entry is None or not entry.plain:
@@ -596,9 +594,13 @@ class ChipReader:
             return None
         self._open.move_to_end(href)
         try:
-            return entry.ds.read(indexes, window=window, out=target)
+            if entry.uint16:
+                return entry.ds.read(indexes, window=window, out=target)
+            if target is None:
+                return entry.ds.read(indexes, window=window, out_dtype=np.uint16)  # GDAL converts uint8 as it reads
         except (RasterioError, OSError):
-            return None  # the general path retries once (re-signing on a 403) and reports the error redacted
+            pass  # the general path retries once (re-signing on a 403) and reports the error redacted
+        return None
 
     def _cloud_fraction(self, cloud: tuple[str, CloudMask], tile: TileSpec, dst_crs: CRS, height: int,
                         width: int, invalid: np.ndarray, classes: Sequence[int] | None) -> float:
@@ -642,6 +644,8 @@ class ChipReader:
         plan = _ReadPlan(
             reads=[(href, pos, [sources[p].index for p in pos], sources[pos[0]].nodata)
                    for href, pos in by_href.items()],
+            spans=[slice(pos[0], pos[0] + len(pos)) if pos == list(range(pos[0], pos[0] + len(pos))) else None
+                   for pos in by_href.values()],
             redacted=tuple(sorted({redact_url(src.href) for src in sources})),
             cloud=cloud,
             offset=S2_BOA_ADD_OFFSET if harmonize and needs_s2_harmonization(item, profile) else 0,

@@ -200,12 +200,14 @@ class ShardSetInfo:
 class _BackgroundSha256:
     """SHA-256 computed on a helper thread (``hashlib`` releases the GIL on large buffers).
 
-    Hashing then overlaps with writing; the bounded queue keeps memory flat.
+    Hashing then overlaps with writing (of this shard, and of the next one: the writer asks for a shard's digest
+    only when the following shard is done); the bounded queue keeps memory flat.
     """
 
     def __init__(self) -> None:
         self._sha = hashlib.sha256()
         self._q: queue.Queue[Sequence[bytes] | None] = queue.Queue(maxsize=64)
+        self._finished = False
         self._thread = threading.Thread(target=self._run, name="shard-sha256", daemon=True)
         self._thread.start()
 
@@ -218,8 +220,15 @@ class _BackgroundSha256:
         """Queue byte strings to hash, in order (one queue operation for all of them)."""
         self._q.put(chunks)
 
+    def finish(self) -> None:
+        """No more chunks: the thread ends once they are all hashed."""
+        if not self._finished:
+            self._finished = True
+            self._q.put(None)
+
     def hexdigest(self) -> str:
-        self._q.put(None)
+        """Wait for the hash of every chunk."""
+        self.finish()
         self._thread.join()
         return self._sha.hexdigest()
 
@@ -360,6 +369,7 @@ class ShardWriter:
         self._index = 0
         self._fh: Any = None  # open staging file of the current shard, None between shards
         self._sha: _BackgroundSha256 | None = None
+        self._hashing: list[tuple[ShardInfo, _BackgroundSha256]] = []  # finished shards whose digest is pending
         self._offset = 0
         self._n_in_shard = 0
         self._first_key = ""
@@ -407,13 +417,21 @@ class ShardWriter:
         if self.fsync:
             os.fsync(self._fh.fileno())
         self._fh.close()
+        self._sha.finish()
         final = self.out_dir / shard_name(self.name, self._index)  # its place once the whole set is written
-        self.info.shards.append(ShardInfo(
-            path=str(final), n_samples=self._n_in_shard, bytes=self._offset,
-            sha256=self._sha.hexdigest(), first_key=self._first_key, last_key=self._last_key or "",
-        ))
+        shard = ShardInfo(path=str(final), n_samples=self._n_in_shard, bytes=self._offset, sha256="",
+                          first_key=self._first_key, last_key=self._last_key or "")
+        self.info.shards.append(shard)
+        self._hashing.append((shard, self._sha))
         self._fh = self._sha = None
         self._index += 1
+        self._settle(keep=1)  # the last shard's hash goes on while the next one is written
+
+    def _settle(self, keep: int = 0) -> None:
+        """Wait for the digests of the finished shards, all but the ``keep`` most recent."""
+        while len(self._hashing) > keep:
+            shard, sha = self._hashing.pop(0)
+            shard.sha256 = sha.hexdigest()
 
     def write_members(self, key: str, members: Sequence[tuple[str, bytes]]) -> None:
         """Write one sample given its already-encoded members (low-level).
@@ -481,6 +499,7 @@ class ShardWriter:
             if self._sha is not None:
                 self._sha.hexdigest()  # stop the hashing thread
             self._fh = self._sha = None
+        self._settle()  # the other hashing threads end
         self._closed = True
         shutil.rmtree(self.staging, ignore_errors=True)
 
@@ -498,6 +517,7 @@ class ShardWriter:
             return self.info
         if self._fh is not None and self._n_in_shard > 0:
             self._publish_shard()
+        self._settle()
         self._closed = True
         for fname in (SHARDS_JSON_NAME, MANIFEST_NAME):
             (self.out_dir / fname).unlink(missing_ok=True)
