@@ -149,6 +149,21 @@ def atomic_write_json(final: str | os.PathLike[str], obj: Any, *, fsync: bool = 
     return atomic_write_text(final, json.dumps(obj, **dumps), fsync=fsync)
 
 
+
+def lock_free(path: str | os.PathLike[str]) -> bool:
+    """Whether :func:`file_lock` would get ``path`` exclusively now (no one holds it); a snapshot, for messages."""
+    try:
+        with open(path, "rb") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            return True
+    except FileNotFoundError:
+        return True
+
+
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike[str], *, shared: bool = False) -> Iterator[Path]:
     """Hold an advisory ``flock`` on ``path`` (created with its folder) for the block.

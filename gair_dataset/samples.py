@@ -12,6 +12,7 @@ samples come from different tiles), and reports every rejected pair with a reaso
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -215,6 +216,7 @@ def build_shards_from_pairs(
     pano_out_size: int = 512, synthetic: bool = False, gdal_env: Mapping[str, Any] | None = None,
     fetch_image: Callable[[str], bytes] = read_image_uri, fsync: bool = True, chip_workers: int = 4,
     max_dates: int | None = None, interleave_tiles: int = DEFAULT_INTERLEAVE_TILES,
+    publish_lock: contextlib.AbstractContextManager[Any] | None = None,
 ) -> BuildReport:
     """Build a shard set from pairs, skipping and reporting unusable pairs.
 
@@ -250,6 +252,7 @@ def build_shards_from_pairs(
         interleave_tiles: Tiles (in key order) whose samples are interleaved together by
             :func:`interleave_order`; their chips are held in memory until the window is written
             (about ``interleave_tiles x dates x C x H x W x 2`` bytes). 1 keeps the key order.
+        publish_lock: Held while the finished set replaces the published one (see :class:`ShardWriter`).
 
     Returns:
         A :class:`BuildReport`; ``n_pairs == n_written + n_rejected``.
@@ -293,7 +296,7 @@ def build_shards_from_pairs(
                "max_cloud_fraction": max_cloud_fraction}
     with ChipPrefetcher([by_tile[t][0][1] for t in tile_ids], items, workers=chip_workers, signer=signer,
                         gdal_env=gdal_env, max_dates=max_dates, **chip_kw) as chips, ShardWriter(
-        out_dir, name=name, samples_per_shard=samples_per_shard, fsync=fsync
+        out_dir, name=name, samples_per_shard=samples_per_shard, fsync=fsync, publish_lock=publish_lock
     ) as writer:
         for start in range(0, len(tile_ids), interleave_tiles):
             window: dict[str, TileChips] = {}

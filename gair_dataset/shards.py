@@ -29,6 +29,7 @@ tile). Keys must be unique, which the writer checks; this keeps memory flat (one
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -344,7 +345,8 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike[str], *, name: str = "shard",
-                 samples_per_shard: int = 1000, fsync: bool = True, manifest: bool = True) -> None:
+                 samples_per_shard: int = 1000, fsync: bool = True, manifest: bool = True,
+                 publish_lock: contextlib.AbstractContextManager[Any] | None = None) -> None:
         """Prepare ``out_dir``: a staging folder of this writer's own (a published set is left alone until close).
 
         Staging folders left by killed writers of this host are removed; another live writer's never is.
@@ -355,6 +357,8 @@ class ShardWriter:
             samples_per_shard: Maximum samples per shard (shards are never empty).
             fsync: ``fsync`` each shard before publishing it (durability on power loss).
             manifest: Write ``manifest.parquet`` and ``shards.json`` on close.
+            publish_lock: Held around the swap in :meth:`close` (e.g. an exclusive lock that readers of the set
+                hold shared, so that the set never changes under them); None: no lock.
         """
         if samples_per_shard < 1:
             raise ValueError("samples_per_shard must be >= 1")
@@ -363,6 +367,7 @@ class ShardWriter:
         self.samples_per_shard = int(samples_per_shard)
         self.fsync = fsync
         self.write_manifest = manifest
+        self.publish_lock = publish_lock
         self.staging = self.out_dir / staging_dirname()
         self.info = ShardSetInfo(out_dir=str(self.out_dir), name=self.name)
         self._rows: list[dict[str, Any]] = []
@@ -519,18 +524,19 @@ class ShardWriter:
             self._publish_shard()
         self._settle()
         self._closed = True
-        for fname in (SHARDS_JSON_NAME, MANIFEST_NAME):
-            (self.out_dir / fname).unlink(missing_ok=True)
-        for shard in self.info.shards:
-            publish(self.staging / Path(shard.path).name, shard.path)
-        written = {Path(s.path).name for s in self.info.shards}
-        for old in self.out_dir.glob(f"{self.name}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
-            if old.name not in written:
-                log.info("removing stale shard %s from an earlier run", old)
-                old.unlink()
-        shutil.rmtree(self.staging, ignore_errors=True)
-        if self.write_manifest:
-            self._write_manifest()
+        with self.publish_lock or contextlib.nullcontext():
+            for fname in (SHARDS_JSON_NAME, MANIFEST_NAME):
+                (self.out_dir / fname).unlink(missing_ok=True)
+            for shard in self.info.shards:
+                publish(self.staging / Path(shard.path).name, shard.path)
+            written = {Path(s.path).name for s in self.info.shards}
+            for old in self.out_dir.glob(f"{self.name}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+                if old.name not in written:
+                    log.info("removing stale shard %s from an earlier run", old)
+                    old.unlink()
+            shutil.rmtree(self.staging, ignore_errors=True)
+            if self.write_manifest:
+                self._write_manifest()
         return self.info
 
     def _write_manifest(self) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from gair_dataset.atomic import atomic_write_json, file_lock
+from gair_dataset.atomic import atomic_write_json, file_lock, lock_free
 from gair_dataset.sample_region import ensure_sample
 from pipelines.config import data_root
 
@@ -73,6 +73,22 @@ class DataRoot(dg.ConfigurableResource):
             waited = time.monotonic() - t0
             if log is not None and waited > 1.0:
                 log.info(f"waited {waited:.1f}s for region {region}'s lock (another run was writing it)")
+            yield
+
+    @contextlib.contextmanager
+    def shard_set_lock(self, region: str, *, shared: bool = False,
+                       log: dg.DagsterLogManager | None = None) -> Iterator[None]:
+        """Hold a region's published shard set: shared while a run reads it, exclusive while a rebuild swaps it.
+
+        Apart from :meth:`region_lock`: training and evaluation read the shards for hours, and a refresh of the
+        region meanwhile does all its work (new chips, staged shards) and only waits, at the end, to swap its new
+        set in; readers never see shards replaced under them.
+        """
+        path = self.path / ".locks" / f"{region}.shards.lock"
+        if not shared and log is not None and not lock_free(path):
+            log.info(f"region {region}: waiting for the runs reading its shard set (training, evaluation) to finish "
+                     "before the new set replaces it")
+        with file_lock(path, shared=shared):
             yield
 
     def read_stats(self, stage: str, region: str) -> dict | None:

@@ -264,3 +264,39 @@ def test_tar_bytes_identical_to_tarfile(tmp_path: Path, key_len: int) -> None:
             tf.addfile(ti, io.BytesIO(data))
     assert (tmp_path / "ours" / "x-000000.tar").read_bytes() == ref.read_bytes()
     assert w.info.shards[0].sha256 == _sha(ref) and w.info.shards[0].bytes == ref.stat().st_size
+
+
+def test_rebuild_waits_for_readers_before_swapping_the_set_in(tmp_path: Path) -> None:
+    """A reader holding the set's lock shared keeps the published set unchanged; the rebuild swaps in after."""
+    import threading
+
+    from gair_dataset.atomic import file_lock, lock_free
+
+    out, lock = tmp_path / "set", tmp_path / "set.lock"
+    write_shards(_samples(30), out, name="s", samples_per_shard=10)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    errors: list[BaseException] = []
+
+    def rebuild() -> None:
+        try:
+            with ShardWriter(out, name="s", samples_per_shard=10, publish_lock=file_lock(lock)) as w:
+                for s in _samples(12, seed=1):
+                    w.write(s.key, s.rs, s.sv_jpeg, s.meta)
+        except BaseException as exn:  # noqa: BLE001 - reported below
+            errors.append(exn)
+
+    with file_lock(lock, shared=True):  # a training run reading the set
+        writer = threading.Thread(target=rebuild)
+        writer.start()
+        deadline = time.monotonic() + 30
+        while len(list(out.glob(f"{STAGING_DIRNAME}-*/s-*.tar"))) < 2:  # both new shards staged
+            assert time.monotonic() < deadline and writer.is_alive()
+            time.sleep(0.01)
+        writer.join(0.3)
+        assert writer.is_alive()  # waiting for the reader
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    writer.join(30)
+    assert not writer.is_alive() and not errors
+    assert read_shards_json(out)["n_samples"] == 12 and sorted(p.name for p in out.glob("*.tar")) == \
+        ["s-000000.tar", "s-000001.tar"]
+    assert lock_free(lock) and not list(out.glob(f"{STAGING_DIRNAME}*"))

@@ -114,3 +114,22 @@ def test_catalog_setting_values():
     assert isinstance(other, LiveStacCatalog) and not other.sign_with_planetary_computer
     assert RasterAccess(stac_catalog="planetary-computer").signer() is not None
     assert RasterAccess(stac_catalog="https://earth-search.example/v1").signer() is None
+
+
+def test_held_shard_sets_hold_every_region_until_the_block_ends(tmp_path, monkeypatch):
+    from gair_dataset.atomic import lock_free
+    from pipelines.defs.training.assets import held_shard_sets
+    from pipelines.partitions import REGIONS
+
+    root = DataRoot(root=str(tmp_path))
+    region = sorted(REGIONS)[0]
+    (tmp_path / "shards" / region).mkdir(parents=True)
+    (tmp_path / "shards" / region / "shards.json").write_text("{}")  # a published set
+    locks = [tmp_path / ".locks" / f"{r}.shards.lock" for r in sorted(REGIONS)]
+    with held_shard_sets(root) as sets:
+        assert sets == [str(tmp_path / "shards" / region)]
+        assert not any(lock_free(p) for p in locks)  # a rebuild cannot swap any region's set in now
+    assert all(lock_free(p) for p in locks)
+    with pytest.raises(dg.Failure, match="materialize `shards` first"):
+        with held_shard_sets(DataRoot(root=str(tmp_path / "empty"))):
+            pass

@@ -21,7 +21,7 @@ from pipelines.common.policies import GPU_POOL
 from pipelines.common.storage import DataRoot
 from pipelines.defs.evaluation.assets import eval_dir, write_json
 from pipelines.defs.shards.assets import shards
-from pipelines.defs.training.assets import TrainingConfig, shard_set_paths, trainer_args
+from pipelines.defs.training.assets import TrainingConfig, held_shard_sets, trainer_args
 from pipelines.training_pipes import run_trainer, trainer_command
 
 
@@ -46,6 +46,13 @@ class AblationConfig(dg.Config):
 def localizer_ablation(context: dg.AssetExecutionContext, config: AblationConfig,
                        data_root: DataRoot) -> dg.MaterializeResult:
     """NILI against mean-pool, centre, bilinear and bicubic localisers, trained at equal budget on the same data."""
+    with held_shard_sets(data_root) as shard_list:  # every run sees the same sets
+        return _localizer_ablation(context, config, data_root, shard_list)
+
+
+def _localizer_ablation(context: dg.AssetExecutionContext, config: AblationConfig, data_root: DataRoot,
+                        shard_list: list[str]) -> dg.MaterializeResult:
+    """The body of :func:`localizer_ablation`, with the shard sets held."""
     from gair_model.eval.alignment import run_alignment_benchmark
     from gair_model.eval.alignment_plots import plot_offset_rings
     from gair_model.eval.report import render_ablation_markdown, save_figure
@@ -53,7 +60,6 @@ def localizer_ablation(context: dg.AssetExecutionContext, config: AblationConfig
     unknown = sorted(set(config.localizers) - set(LOCALIZERS))
     if unknown or not config.localizers:
         raise dg.Failure(f"unknown localiser(s) {unknown}; choose from {list(LOCALIZERS)}")
-    shard_list = shard_set_paths(data_root)
     root = data_root.stage_dir("training") / "ablation"
     root.mkdir(parents=True, exist_ok=True)
     extra: list[str] = []

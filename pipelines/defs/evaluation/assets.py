@@ -34,7 +34,7 @@ from pipelines.common.policies import GPU_POOL
 from pipelines.common.storage import DataRoot
 from pipelines.defs.evaluation.resources import EvalTasks
 from pipelines.defs.shards.assets import shards
-from pipelines.defs.training.assets import gair_model_checkpoint, shard_set_paths, shard_sets
+from pipelines.defs.training.assets import gair_model_checkpoint, held_shard_sets, shard_sets
 
 #: Task families, each its own asset (``eval_<family>``).
 FAMILIES = ("location", "streetview", "remote_sensing")
@@ -104,13 +104,19 @@ def write_json(path: Path, payload: Any) -> Path:
 def eval_alignment(context: dg.AssetExecutionContext, config: AlignmentConfig,
                    data_root: DataRoot) -> dg.MaterializeResult:
     """Geo-alignment benchmark (test split): retrieval, in-tile localisation and offset rings, model vs baselines."""
+    with held_shard_sets(data_root) as shard_list:
+        return _eval_alignment(context, config, data_root, shard_list)
+
+
+def _eval_alignment(context: dg.AssetExecutionContext, config: AlignmentConfig, data_root: DataRoot,
+                    shard_list: list[str]) -> dg.MaterializeResult:
+    """The body of :func:`eval_alignment`, with the shard sets held."""
     from gair_model.eval.alignment import benchmark_alignment
     from gair_model.eval.alignment_plots import plot_localisation_examples, plot_offset_rings
 
     if "train" in config.splits:
         raise dg.Failure("the alignment benchmark never evaluates the train split")
     trained, baseline = load_models(config, data_root)
-    shard_list = shard_set_paths(data_root)
     results = {}
     t0 = time.perf_counter()
     for lm in (trained, baseline):
@@ -233,12 +239,13 @@ def gair_embeddings(context: dg.AssetExecutionContext, config: EvalConfig,
     trained, _ = load_models(config, data_root)
     out_dir = data_root.stage_dir("embeddings")
     per_set: dict[str, dict] = {}
-    for shard_set in shard_set_paths(data_root):
-        name = Path(shard_set).name
-        context.log.info("embedding every sample of %s", name)
-        stats = export_shard_embeddings(trained, [shard_set], out_dir / f"{name}.parquet", splits=None,
-                                        batch_size=config.batch_size, log=context.log.info)
-        per_set[name] = stats
+    with held_shard_sets(data_root) as shard_list:
+        for shard_set in shard_list:
+            name = Path(shard_set).name
+            context.log.info("embedding every sample of %s", name)
+            stats = export_shard_embeddings(trained, [shard_set], out_dir / f"{name}.parquet", splits=None,
+                                            batch_size=config.batch_size, log=context.log.info)
+            per_set[name] = stats
     rows = sum(int(s.get("n_rows", 0)) for s in per_set.values())
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(out_dir)),

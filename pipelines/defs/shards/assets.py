@@ -138,7 +138,8 @@ def _shards(context: dg.AssetExecutionContext, config: ShardsConfig, raster_acce
             out_size=region.grid.chip_px, signer=raster_access.signer(), gdal_env=raster_access.gdal_env(),
             max_nodata_fraction=config.max_nodata_fraction, max_cloud_fraction=config.max_cloud_fraction,
             sv_max_side=config.sv_max_side, synthetic=synthetic, chip_workers=config.chip_workers,
-            max_dates=config.max_dates or region.grid.items_per_tile, interleave_tiles=config.interleave_tiles)
+            max_dates=config.max_dates or region.grid.items_per_tile, interleave_tiles=config.interleave_tiles,
+            publish_lock=data_root.shard_set_lock(region.name, log=context.log))
     except OSError as exc:
         if exc.errno not in _DISK_FULL:
             raise

@@ -1,7 +1,8 @@
 """The training asset: launches the torch trainer as an external process through Dagster Pipes (any launcher)."""
 
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,19 @@ def shard_set_paths(data_root: DataRoot) -> list[str]:
     return [str(d) for d in sets]
 
 
+@contextlib.contextmanager
+def held_shard_sets(data_root: DataRoot) -> Iterator[list[str]]:
+    """The complete shard sets, held for the block (:meth:`DataRoot.shard_set_lock`, shared, every region).
+
+    A refresh of a region meanwhile builds its new set and waits to swap it in until the block ends, so training
+    and evaluation read one unchanged set from start to end.
+    """
+    with contextlib.ExitStack() as stack:
+        for region in sorted(REGIONS):
+            stack.enter_context(data_root.shard_set_lock(region, shared=True))
+        yield shard_set_paths(data_root)
+
+
 def trainer_args(cfg: TrainingConfig, shard_list: list[str], out_dir: Path) -> list[str]:
     """The trainer's command-line flags for this config (checked by resolving them first)."""
     resolved_config(cfg, shard_list, out_dir)  # a bad value fails here, before a process is started
@@ -125,11 +139,11 @@ def gair_model_checkpoint(context: dg.AssetExecutionContext, config: TrainingCon
     The trainer runs wherever ``training_pipes_client`` puts it (a local subprocess, or a pod on Kubernetes with
     the data root on a shared volume); band statistics, progress and the run summary come back through Pipes.
     """
-    shard_list = shard_set_paths(data_root)
-    out_dir = data_root.stage_dir("training") / "run"
-    extras = training_extras(config, shard_list, out_dir, data_root.stage_dir("training") / "rs_stats.json")
-    context.log.info("training on the shard sets of %s", [Path(p).name for p in shard_list])
-    result = run_training(training_pipes_client, context, extras).get_materialize_result()
+    with held_shard_sets(data_root) as shard_list:  # a refresh meanwhile waits to swap its new set in
+        out_dir = data_root.stage_dir("training") / "run"
+        extras = training_extras(config, shard_list, out_dir, data_root.stage_dir("training") / "rs_stats.json")
+        context.log.info("training on the shard sets of %s", [Path(p).name for p in shard_list])
+        result = run_training(training_pipes_client, context, extras).get_materialize_result()
     report = data_root.stage_dir("reports") / "training_summary.json"
     atomic_write_text(report, json.dumps(summary_report(result.metadata or {}), indent=1, default=str))
     return result
