@@ -39,8 +39,25 @@ def _shard_set_dirs(shard_paths: Sequence[str]) -> list[Path]:
     return dirs
 
 
+def _remote_counts(shard_urls: Sequence[str]) -> dict[str, int] | None:
+    """Samples per shard URL, from the ``shards.json`` of each published set they belong to (None if unknown)."""
+    from gair_dataset import object_store
+
+    counts: dict[str, int] = {}
+    for set_url in dict.fromkeys(u.rsplit("/", 1)[0] for u in shard_urls):
+        try:
+            for entry in object_store.read_shards_json(set_url)["shards"]:
+                counts[object_store.join(set_url, str(entry["path"]))] = int(entry["n_samples"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return counts
+
+
 def epoch_size_from_shards(shard_paths: Sequence[str]) -> int | None:
-    """Number of samples in the given shard files, from their shard sets' ``shards.json`` (``None`` if unknown)."""
+    """Number of samples in the given shard files, from their shard sets' ``shards.json`` (``None`` if unknown).
+
+    Local files and object-storage URLs (``s3://...``: the published set's ``shards.json``) alike.
+    """
     counts: dict[str, int] = {}
     for d in _shard_set_dirs(shard_paths):
         sj = d / "shards.json"
@@ -51,8 +68,14 @@ def epoch_size_from_shards(shard_paths: Sequence[str]) -> int | None:
                 counts[str((d / entry["path"]).resolve())] = int(entry["n_samples"])
         except (ValueError, KeyError, TypeError):
             return None
+    urls = [p for p in shard_paths if "://" in p]
+    if urls:
+        remote = _remote_counts(urls)
+        if remote is None:
+            return None
+        counts.update(remote)
     try:
-        return sum(counts[str(Path(p).resolve())] for p in shard_paths)
+        return sum(counts[p if "://" in p else str(Path(p).resolve())] for p in shard_paths)
     except KeyError:
         return None
 

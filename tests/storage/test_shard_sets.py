@@ -128,3 +128,16 @@ def test_incomplete_local_set_is_not_published(s3, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="incomplete"):
         object_store.publish_shard_set(tmp_path, f"{bucket}/region-d")
     assert _objects(bucket, "") == []
+
+
+def test_epoch_size_of_a_published_set_comes_from_its_shards_json(s3, local_set: Path) -> None:
+    from gair_model.training.data import epoch_size_from_shards
+
+    bucket = s3.new_bucket()
+    url = f"{bucket}/sets/region-a/"
+    object_store.publish_shard_set(local_set, url)
+    urls = resolve_shards(url)
+    assert epoch_size_from_shards(urls) == 40 == epoch_size_from_shards(resolve_shards(str(local_set)))
+    assert epoch_size_from_shards(urls[:2]) == 32  # 16 + 16 of the three shards (16, 16, 8)
+    assert epoch_size_from_shards([*urls, *resolve_shards(str(local_set))]) == 80  # remote and local mixed
+    assert epoch_size_from_shards([f"{bucket}/nowhere/region-a/region-a-000000.tar"]) is None  # no marker: unknown
