@@ -44,9 +44,9 @@ BBOX = (19.875, -32.838, 19.900, -32.818)
 REGION = "faults"
 REGION_ASSETS = ("stac_items", "tile_grid", "sv_points", "pairs", "shards")
 STAGES = ("stac", "tiles", "streetview", "pairs", "shards")
-#: stats.json fields that describe the run rather than its output: timings, and the incremental-build versions
-#: (hashes of what a stage was built from, which may include the data root's location).
-VOLATILE_STATS = {"seconds", "input_version", "data_version", "chip_reads", "chip_retries"}  # I/O counters differ
+#: stats.json fields that describe the run rather than its output: timings, the incremental-build versions (hashes
+#: of what a stage was built from, which may include the data root's location) and I/O counters.
+VOLATILE_STATS = {"seconds", "input_version", "data_version", "chip_reads", "chip_retries", "cached_tiles"}
 N_POINTS = 40
 STAC_TIMEOUT_S = 2.0  # the client's timeout: a stalled answer outlasts it
 FSIZE_LIMIT = 64 * 1024  # bytes a file may grow to in the full-disk scenario (a shard is larger)
@@ -270,6 +270,7 @@ class Context:
         root = self.empty_root(name)
         shutil.copytree(self.clean_root, root)
         (root / "shards" / REGION / "stats.json").unlink()
+        shutil.rmtree(root / "cache", ignore_errors=True)  # the rebuild reads its chips through the servers again
         self.published.add(root)
         return root
 

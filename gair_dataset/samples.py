@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 
+from gair_dataset.chip_cache import CachedTile, ChipCache, item_digest, tile_key
 from gair_dataset.chips import ChipReader, ChipResult, TileSpec
 from gair_dataset.shards import ShardSetInfo, ShardWriteError, ShardWriter, sample_key
 from gair_dataset.signing import Signer, redact_text
@@ -177,6 +178,8 @@ class BuildReport:
     n_chip_reads: int = 0
     n_chip_retries: int = 0
     """Tiles read a second time after an I/O error (a connection cut mid-read, say)."""
+    n_cached_tiles: int = 0
+    """Tiles whose chips came from the chip cache (not read)."""
     n_reencoded_sv: int = 0
     n_panorama_crops: int = 0
     dates_per_sample: Counter[int] = field(default_factory=Counter)
@@ -216,7 +219,7 @@ def build_shards_from_pairs(
     pano_out_size: int = 512, synthetic: bool = False, gdal_env: Mapping[str, Any] | None = None,
     fetch_image: Callable[[str], bytes] = read_image_uri, fsync: bool = True, chip_workers: int = 4,
     max_dates: int | None = None, interleave_tiles: int = DEFAULT_INTERLEAVE_TILES,
-    publish_lock: contextlib.AbstractContextManager[Any] | None = None,
+    publish_lock: contextlib.AbstractContextManager[Any] | None = None, chip_cache: ChipCache | None = None,
 ) -> BuildReport:
     """Build a shard set from pairs, skipping and reporting unusable pairs.
 
@@ -253,6 +256,8 @@ def build_shards_from_pairs(
             :func:`interleave_order`; their chips are held in memory until the window is written
             (about ``interleave_tiles x dates x C x H x W x 2`` bytes). 1 keeps the key order.
         publish_lock: Held while the finished set replaces the published one (see :class:`ShardWriter`).
+        chip_cache: Tiles whose chips were read before from the same items and settings come from it (and
+            every tile read is stored); after a successful build it keeps only this build's tiles.
 
     Returns:
         A :class:`BuildReport`; ``n_pairs == n_written + n_rejected``.
@@ -295,7 +300,7 @@ def build_shards_from_pairs(
     chip_kw = {"bands": bands, "out_size": out_size, "max_nodata_fraction": max_nodata_fraction,
                "max_cloud_fraction": max_cloud_fraction}
     with ChipPrefetcher([by_tile[t][0][1] for t in tile_ids], items, workers=chip_workers, signer=signer,
-                        gdal_env=gdal_env, max_dates=max_dates, **chip_kw) as chips, ShardWriter(
+                        gdal_env=gdal_env, max_dates=max_dates, cache=chip_cache, **chip_kw) as chips, ShardWriter(
         out_dir, name=name, samples_per_shard=samples_per_shard, fsync=fsync, publish_lock=publish_lock
     ) as writer:
         for start in range(0, len(tile_ids), interleave_tiles):
@@ -327,6 +332,7 @@ def build_shards_from_pairs(
                 report.dates_per_sample[len(tc.chips)] += 1
     report.n_chip_reads = chips.n_reads
     report.n_chip_retries = chips.n_retries
+    report.n_cached_tiles = chips.keep_cached()  # only after a build that succeeded
     report.shards = writer.info
     log.info("shards %s: %d pairs -> %d samples (dates per sample %s), %d rejected %s", name, report.n_pairs,
              report.n_written, dict(sorted(report.dates_per_sample.items())), report.n_rejected,
@@ -400,7 +406,7 @@ class ChipPrefetcher:
 
     def __init__(self, tiles: Sequence[Mapping[str, Any]], items: Mapping[str, Mapping[str, Any]], *,
                  workers: int = 4, signer: Signer | None = None, gdal_env: Mapping[str, Any] | None = None,
-                 max_dates: int | None = None, **chip_kw: Any) -> None:
+                 max_dates: int | None = None, cache: ChipCache | None = None, **chip_kw: Any) -> None:
         self.tiles = list(tiles)
         self._rows = {str(p["tile_id"]): p for p in self.tiles}
         self.items = items
@@ -409,6 +415,10 @@ class ChipPrefetcher:
         self.signer, self.gdal_env, self.chip_kw = signer, gdal_env, chip_kw
         self.n_reads = 0
         self.n_retries = 0
+        self.cache = cache
+        self.cache_keys: set[str] = set()  # of every tile asked for (pruning keeps these)
+        self._settings = {**chip_kw, "max_dates": max_dates}
+        self._digests: dict[str, str | None] | None = None
         self._local = threading.local()
         self._readers: list[ChipReader] = []
         self._lock = threading.Lock()
@@ -443,6 +453,51 @@ class ChipPrefetcher:
             self._next += 1
 
     def _read(self, p: Mapping[str, Any]) -> tuple[TileChips, int, list[str]]:
+        """A tile's chips: from the cache when its key is there, else read (and stored unless a read failed)."""
+        if self.cache is None:
+            return self._read_tile(p)
+        key = tile_key(p, self._item_digests(), self._settings)
+        with self._lock:
+            self.cache_keys.add(key)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return self._from_cache(hit), 0, []
+        tc, reads, failed = self._read_tile(p)
+        if not failed:
+            self.cache.put(key, CachedTile(
+                array=tc.array, item_ids=[str((it or {}).get("id")) for it in tc.items],
+                bands=list(tc.chips[0].bands) if tc.chips else [],
+                harmonized=bool(tc.chips[0].harmonized) if tc.chips else False,
+                processing_baseline=tc.chips[0].processing_baseline if tc.chips else None,
+                dates=tc.dates, rejected_reason=tc.rejected_reason))
+        return tc, reads, failed
+
+    def _item_digests(self) -> dict[str, str | None]:
+        with self._lock:
+            if self._digests is None:
+                self._digests = {i: item_digest(it) for i, it in self.items.items()}
+            return self._digests
+
+    def keep_cached(self) -> int:
+        """Prune the cache to the tiles of this build; returns how many tiles came from it (0 without a cache)."""
+        if self.cache is None:
+            return 0
+        removed = self.cache.prune(self.cache_keys)
+        if removed:
+            log.info("chip cache: %d entries of tiles no longer built (or read from other items) removed", removed)
+        return self.cache.hits
+
+    def _from_cache(self, hit: CachedTile) -> TileChips:
+        if hit.rejected_reason is not None or hit.array is None:
+            return TileChips([], [], None, [], rejected_reason=hit.rejected_reason or "no data")
+        chips = [ChipResult(array=None, bands=list(hit.bands), nodata_fraction=0.0,
+                            harmonized=hit.harmonized if d == 0 else bool(entry.get("harmonized")),
+                            processing_baseline=hit.processing_baseline if d == 0 else entry.get("processing_baseline"),
+                            item_id=iid)
+                 for d, (iid, entry) in enumerate(zip(hit.item_ids, hit.dates, strict=True))]
+        return TileChips(chips, [self.items.get(iid) for iid in hit.item_ids], hit.array, hit.dates)
+
+    def _read_tile(self, p: Mapping[str, Any]) -> tuple[TileChips, int, list[str]]:
         tile = TileSpec.from_row(p)
         reasons: list[str] = []
         failed: list[str] = []

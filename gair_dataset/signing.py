@@ -170,9 +170,9 @@ class RedactingFilter(logging.Filter):
 _FILTERED_LOGGERS = (
     "rasterio", "rasterio._env", "rasterio.env", "rasterio._base", "rasterio._io", "rasterio._err",
     "rasterio._filepath", "rasterio.vrt", "rasterio._warp", "urllib3.connectionpool", "gair_dataset",
-    "gair_dataset.chips", "gair_dataset.local_tiles", "gair_dataset.object_store", "gair_dataset.pairing",
-    "gair_dataset.sample_region", "gair_dataset.samples", "gair_dataset.shards", "gair_dataset.stac_catalog",
-    "gair_dataset.sv_sources.common",
+    "gair_dataset.chip_cache", "gair_dataset.chips", "gair_dataset.local_tiles", "gair_dataset.object_store",
+    "gair_dataset.pairing", "gair_dataset.sample_region", "gair_dataset.samples", "gair_dataset.shards",
+    "gair_dataset.stac_catalog", "gair_dataset.sv_sources.common",
 )
 
 

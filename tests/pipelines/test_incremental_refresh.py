@@ -103,6 +103,10 @@ def test_refresh_with_nothing_new_rebuilds_nothing_and_a_change_rebuilds_what_it
     for name in (tiles, f"pairs/{REGION}/pairs.parquet", f"streetview/{REGION}/points.parquet"):
         assert after[name] == before[name]  # not even rewritten
     assert after[f"stac/{REGION}/items.json"][0] != before[f"stac/{REGION}/items.json"][0]
+    # ... reading again the chips of the tiles that use the changed item: every tile of this small region (that
+    # only the changed tiles are read is tests/dataset/test_chip_cache.py's)
+    assert first["shards"]["cached_tiles"] == third["shards"]["cached_tiles"] == 0
+    assert third["shards"]["chip_reads"] == first["shards"]["chip_reads"] > 0
     assert not [r for r in _sensor_requests(root) if r.partition_key == REGION]  # built: nothing to do again
 
     # 4. A street-view point removed: the points, pairs and shards rebuild; the items and the tiles stay untouched.
@@ -117,3 +121,4 @@ def test_refresh_with_nothing_new_rebuilds_nothing_and_a_change_rebuilds_what_it
     for name in (f"stac/{REGION}/items.json", tiles):
         assert after[name] == before[name]
     assert fourth["sv_points"]["num_points"] == first["sv_points"]["num_points"] - 1
+    assert fourth["shards"]["chip_reads"] == 0 and fourth["shards"]["cached_tiles"] > 0  # no tile changed

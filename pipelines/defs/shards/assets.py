@@ -14,6 +14,7 @@ from PIL import Image
 
 from gair_dataset import object_store
 from gair_dataset.atomic import atomic_write_json
+from gair_dataset.chip_cache import ChipCache
 from gair_dataset.contract import KEY_PATTERN, MANIFEST_NAME, MEMBER_SUFFIXES, SHARDS_JSON_NAME, decode_npy, rs_dates
 from gair_dataset.samples import DEFAULT_INTERLEAVE_TILES, build_shards_from_pairs, iter_items
 from gair_dataset.shards import iter_raw_samples, read_shards_json
@@ -50,6 +51,9 @@ class ShardsConfig(dg.Config):
     # URL prefix (s3://bucket/prefix/, any fsspec URL) the complete set is also published to, as <prefix>/<region>/,
     # shards.json last (gair_dataset.object_store; credentials from the environment). None: local only.
     publish_url: str | None = None
+    # Keep each tile's chips in <data root>/cache/<region>/chips (about the size of the shards' rs.npy): a rebuild
+    # after a few catalog changes reads only the tiles whose items or grid changed (gair_dataset.chip_cache).
+    chip_cache: bool = True
 
 
 def shard_dir(data_root: DataRoot, region: str) -> Path:
@@ -61,7 +65,7 @@ def shard_dir(data_root: DataRoot, region: str) -> Path:
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 #: ShardsConfig fields that change how fast shards are written, not what is in them.
-_NEUTRAL_SHARD_SETTINGS = {"chip_workers", "publish_url"}
+_NEUTRAL_SHARD_SETTINGS = {"chip_workers", "publish_url", "chip_cache"}
 
 
 def _publish(context: dg.AssetExecutionContext, config: ShardsConfig, out: Path,
@@ -139,7 +143,8 @@ def _shards(context: dg.AssetExecutionContext, config: ShardsConfig, raster_acce
             max_nodata_fraction=config.max_nodata_fraction, max_cloud_fraction=config.max_cloud_fraction,
             sv_max_side=config.sv_max_side, synthetic=synthetic, chip_workers=config.chip_workers,
             max_dates=config.max_dates or region.grid.items_per_tile, interleave_tiles=config.interleave_tiles,
-            publish_lock=data_root.shard_set_lock(region.name, log=context.log))
+            publish_lock=data_root.shard_set_lock(region.name, log=context.log),
+            chip_cache=ChipCache(data_root.stage_dir("cache", region.name) / "chips") if config.chip_cache else None)
     except OSError as exc:
         if exc.errno not in _DISK_FULL:
             raise
@@ -163,14 +168,16 @@ def _shards(context: dg.AssetExecutionContext, config: ShardsConfig, raster_acce
     stats = {"pairs": report.n_pairs, "samples": report.n_written, "rejected": report.n_rejected,
              "rejected_by_reason": by_reason, "shards": len(shard_set.shards), "bytes": total_bytes,
              "splits": splits, "chip_reads": report.n_chip_reads, "chip_retries": report.n_chip_retries,
+             "cached_tiles": report.n_cached_tiles,
              "sv_reencoded": report.n_reencoded_sv,
              "panorama_crops": report.n_panorama_crops, "path": str(out),
              "dates_per_sample": {str(k): v for k, v in sorted(report.dates_per_sample.items())},
              "batch_diversity": shard_set.batch_diversity}
     published = _publish(context, config, out, region.name)  # before the stats: a failed publish is retried whole
     data_root.write_stats("shards", region.name, built(stats, version, data_version))
-    context.log.info("%d samples in %d shards (%.1f MB), %d rejected %s", report.n_written,
-                     len(shard_set.shards), total_bytes / 1e6, report.n_rejected, by_reason)
+    context.log.info("%d samples in %d shards (%.1f MB), %d rejected %s; %d chip reads, %d tiles from the chip cache",
+                     report.n_written, len(shard_set.shards), total_bytes / 1e6, report.n_rejected, by_reason,
+                     report.n_chip_reads, report.n_cached_tiles)
     return dg.MaterializeResult(data_version=dg.DataVersion(data_version), metadata={
         "rebuilt": True,
         "data_version": data_version,
@@ -178,6 +185,8 @@ def _shards(context: dg.AssetExecutionContext, config: ShardsConfig, raster_acce
         "num_rejected": report.n_rejected,
         "rejected_by_reason": dg.MetadataValue.json(by_reason),
         "num_shards": len(shard_set.shards),
+        "chip_reads": report.n_chip_reads,
+        "cached_tiles": report.n_cached_tiles,
         "bytes": total_bytes,
         "splits": dg.MetadataValue.json(splits),
         "dates_per_sample": dg.MetadataValue.json(cast(dict, stats["dates_per_sample"])),
