@@ -464,12 +464,15 @@ class ChipPrefetcher:
             return self._from_cache(hit), 0, []
         tc, reads, failed = self._read_tile(p)
         if not failed:
-            self.cache.put(key, CachedTile(
-                array=tc.array, item_ids=[str((it or {}).get("id")) for it in tc.items],
-                bands=list(tc.chips[0].bands) if tc.chips else [],
-                harmonized=bool(tc.chips[0].harmonized) if tc.chips else False,
-                processing_baseline=tc.chips[0].processing_baseline if tc.chips else None,
-                dates=tc.dates, rejected_reason=tc.rejected_reason))
+            try:
+                self.cache.put(key, CachedTile(
+                    array=tc.array, item_ids=[str((it or {}).get("id")) for it in tc.items],
+                    bands=list(tc.chips[0].bands) if tc.chips else [],
+                    harmonized=bool(tc.chips[0].harmonized) if tc.chips else False,
+                    processing_baseline=tc.chips[0].processing_baseline if tc.chips else None,
+                    dates=tc.dates, rejected_reason=tc.rejected_reason))
+            except OSError as exn:  # the cache only saves work: the build goes on (a full disk fails the shards)
+                log.warning("chip cache: tile %s not stored: %s", p.get("tile_id"), exn)
         return tc, reads, failed
 
     def _item_digests(self) -> dict[str, str | None]:

@@ -85,3 +85,14 @@ def test_corrupt_entry_is_a_miss_and_is_replaced(tmp_path: Path) -> None:
     cache.put("k", tile)
     assert cache.get("k") is not None
     assert cache.prune(["other"]) == 1 and cache.keys() == []
+
+
+def test_a_cache_that_cannot_be_written_does_not_fail_the_build(patch: Path, shared_data: Path,
+                                                                tmp_path: Path) -> None:
+    photos = shared_data / "streetview" / "exif_photos" / "lund"
+    items = iter_items([_item("a", patch)])
+    pairs = [_pair("sv0", "t0", patch, 0, 0, str(photos / "01.jpg"), ["a"])]
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder should be")
+    rep = _build(pairs, items, tmp_path / "out", ChipCache(blocked))
+    assert rep.n_written == 1 and rep.n_chip_reads == 1 and rep.n_cached_tiles == 0
