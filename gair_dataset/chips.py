@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ import rasterio
 from rasterio.crs import CRS
 from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import RasterioError
+from rasterio.transform import Affine
 from rasterio.transform import from_bounds as transform_from_bounds
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
@@ -291,24 +293,71 @@ _PLACEMENTS: dict[tuple[Any, ...], tuple[Window, bool, bool]] = {}
 """Tile placements on raster grids (:meth:`_OpenDataset.placement`), bounded."""
 
 
+@dataclass
+class _Facts:
+    """What a chip read needs to know of a raster file, asked of GDAL once per file."""
+
+    mask_flags: list[int]
+    nodata: float | None
+    crs: CRS | None
+    uint16: bool
+    plain: bool
+    """uint8 (NAIP) or uint16 without per-dataset masks or alpha: a plain window read, converted to uint16 by GDAL
+    as it reads, gives the chip (``ChipReader._plain_read``)."""
+    transform: Affine
+    width: int
+    height: int
+    same_crs: dict[str, bool] = field(default_factory=dict)
+    """Tile CRS -> whether the file's CRS equals it (the answer is the file's: shared by every open of it)."""
+
+    @classmethod
+    def of(cls, ds: Any) -> _Facts:
+        """Ask an open dataset."""
+        mask_flags = _mask_flag_ints(ds)
+        uint16 = all(d == "uint16" for d in ds.dtypes)
+        plain = (uint16 or all(d == "uint8" for d in ds.dtypes)) and not any(f & _MASK_OR_ALPHA for f in mask_flags)
+        return cls(mask_flags, ds.nodata, ds.crs, uint16, plain, ds.transform, ds.width, ds.height)
+
+
+_FACTS: dict[tuple[Any, ...], _Facts] = {}
+"""Facts of local rasters by file identity (:func:`_local_identity`), bounded: a file opened again (by another
+reader thread, after the open-file cache evicted it, by a later build in the process) skips asking GDAL for its
+mask flags (about 30 us per open) and comparing its CRS again."""
+
+
+def _local_identity(path: str) -> tuple[Any, ...] | None:
+    """``(path, device, inode, size, mtime)`` of a local file, None for remote paths (or a failed ``stat``)."""
+    if path.startswith("/vsi") or "://" in path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class _OpenDataset:
     """An open dataset plus facts about it that are costly to recompute per chip."""
 
-    def __init__(self, ds: Any) -> None:
+    def __init__(self, ds: Any, identity: tuple[Any, ...] | None = None) -> None:
         self.ds = ds
-        self.mask_flags = _mask_flag_ints(ds)
-        self.nodata = ds.nodata
-        self.crs = ds.crs
-        self.uint16 = all(d == "uint16" for d in ds.dtypes)
-        #: uint8 (NAIP) or uint16 without per-dataset masks or alpha: a plain window read, converted to uint16 by
-        #: GDAL as it reads, gives the chip (``ChipReader._plain_read``)
-        self.plain = (self.uint16 or all(d == "uint8" for d in ds.dtypes)) \
-            and not any(f & _MASK_OR_ALPHA for f in self.mask_flags)
-        self.transform = ds.transform
+        facts = _FACTS.get(identity) if identity is not None else None
+        if facts is None:
+            facts = _Facts.of(ds)
+            if identity is not None:
+                if len(_FACTS) >= 4096:
+                    _FACTS.clear()
+                _FACTS[identity] = facts
+        self.mask_flags = facts.mask_flags
+        self.nodata = facts.nodata
+        self.crs = facts.crs
+        self.uint16 = facts.uint16
+        self.plain = facts.plain
+        self.transform = facts.transform
         self._north_up = self.transform.b == 0 and self.transform.d == 0
-        self.width, self.height = ds.width, ds.height
+        self.width, self.height = facts.width, facts.height
         self._grid = (tuple(self.transform)[:6], self.width, self.height)  # the CRS is compared apart (same_crs)
-        self._same_crs: dict[str, bool] = {}
+        self._same_crs = facts.same_crs
 
     def window(self, bounds: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
         """Pixel window ``(col_off, row_off, width, height)`` of ``bounds`` (fast path for north-up grids)."""
@@ -409,7 +458,8 @@ class ChipReader:
             self._open.move_to_end(href)
             return self._open[href]
         self._drop(href)
-        entry = _OpenDataset(rasterio.open(to_gdal_path(self._sign(href))))
+        path = to_gdal_path(self._sign(href))
+        entry = _OpenDataset(rasterio.open(path), _local_identity(path))
         self._open[href] = entry
         while len(self._open) > self.max_open:
             self._drop(next(iter(self._open)))

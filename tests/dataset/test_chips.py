@@ -388,3 +388,29 @@ def test_resolve_band_sources_earth_search_items(shared_data: Path) -> None:
     assert [s.asset for s in srcs] == ["blue", "green", "red", "rededge1", "rededge2", "rededge3", "nir",
                                        "nir08", "swir16", "swir22"]
     assert not needs_s2_harmonization(v1)
+
+
+def test_a_local_raster_rewritten_in_place_is_asked_again(tmp_path: Path) -> None:
+    """File facts (masks, CRS) are reused across opens of one file, never across versions of a path."""
+    path = tmp_path / "t.tif"
+    transform = from_bounds(500000, 6000000, 500320, 6000320, 32, 32)
+    profile = {"driver": "GTiff", "width": 32, "height": 32, "count": 1, "dtype": "uint16", "crs": "EPSG:32633",
+               "transform": transform}
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.full((1, 32, 32), 500, np.uint16))
+    item = {"id": "t", "collection": "custom", "properties": {},
+            "assets": {"b": {"href": str(path), "eo:bands": [{"name": "b1"}]}}}
+    tile = TileSpec("EPSG:32633", (500000, 6000000, 500320, 6000320), 32, 32, "t")
+    kw = {"bands": ["b1"], "max_nodata_fraction": 1.0, "max_cloud_fraction": None, "harmonize": False}
+    with ChipReader() as reader:
+        first = reader.read(item, tile, **kw)
+    assert first.ok and first.nodata_fraction == 0.0
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "w", **profile) as dst:  # same path
+        dst.write(np.full((1, 32, 32), 700, np.uint16))
+        mask = np.zeros((32, 32), np.uint8)
+        mask[:, :16] = 255  # the right half masked out
+        dst.write_mask(mask)
+    with ChipReader() as reader:
+        second = reader.read(item, tile, **kw)
+    assert second.ok and second.nodata_fraction == pytest.approx(0.5)  # the new file's mask is honoured
+    assert second.array[0, 0, 0] == 700 and second.array[0, 0, 31] == 0
