@@ -6,9 +6,11 @@ Import as ``from tests.run_helpers import run_build_dataset`` (like ``tests/synt
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,3 +54,17 @@ def run_python(script: str, *args: str, env: dict[str, str], timeout: float = 60
 def run_build_dataset(partition: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
     """Materialise the ``build_dataset`` job for ``partition`` in a subprocess; assert it and its checks passed."""
     return run_python(BUILD_DATASET, partition, env=env, timeout=timeout)
+
+
+@contextlib.contextmanager
+def data_root_env(root: Path) -> Iterator[Path]:
+    """``GAIR_DATA_ROOT`` set to ``root`` for the block (for in-process runs), restored afterwards."""
+    old = os.environ.get("GAIR_DATA_ROOT")
+    os.environ["GAIR_DATA_ROOT"] = str(root)
+    try:
+        yield root
+    finally:
+        if old is None:
+            os.environ.pop("GAIR_DATA_ROOT", None)
+        else:
+            os.environ["GAIR_DATA_ROOT"] = old

@@ -3,12 +3,13 @@ rebuilds only the stages it reaches; the catalog sensor launches a region only w
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 import pytest
+
+from tests.run_helpers import data_root_env
 
 REGION = "sample-lund"
 STAGES = ("stac", "tiles", "streetview", "pairs", "shards")
@@ -53,14 +54,8 @@ def _sensor_requests(root: Path) -> list[dg.RunRequest]:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("gair_data")
-    old = os.environ.get("GAIR_DATA_ROOT")
-    os.environ["GAIR_DATA_ROOT"] = str(root)
-    yield root
-    if old is None:
-        os.environ.pop("GAIR_DATA_ROOT", None)
-    else:
-        os.environ["GAIR_DATA_ROOT"] = old
+    with data_root_env(tmp_path_factory.mktemp("gair_data")) as root:
+        yield root
 
 
 @pytest.mark.slow

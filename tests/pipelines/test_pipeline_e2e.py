@@ -13,19 +13,15 @@ import geopandas as gpd
 import pandas as pd
 import pytest
 
+from tests.run_helpers import data_root_env
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gair_data")
-    old = os.environ.get("GAIR_DATA_ROOT")
-    os.environ["GAIR_DATA_ROOT"] = str(root)
-    yield root
-    if old is None:
-        os.environ.pop("GAIR_DATA_ROOT", None)
-    else:
-        os.environ["GAIR_DATA_ROOT"] = old
+    with data_root_env(tmp_path_factory.mktemp("gair_data")) as root:
+        yield root
 
 
 @pytest.fixture(scope="module")
