@@ -13,6 +13,7 @@ miss (and is replaced). :meth:`ChipCache.prune` keeps only the entries a build u
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from gair_dataset.atomic import atomic_path
+from gair_dataset.bands import UnknownCollectionError, profile_for
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +70,37 @@ def _as_list(v: Any) -> list[Any]:
     return list(v)
 
 
+def _local_files(item: Mapping[str, Any]) -> list[list[Any]]:
+    """``[href, size, mtime_ns]`` of the item's local asset files (a remote href is its own version)."""
+    out = []
+    for asset in (item.get("assets") or {}).values():
+        href = str((asset or {}).get("href") or "")
+        if not href or "://" in href.replace("file://", "", 1):
+            continue
+        try:
+            st = os.stat(href.replace("file://", "", 1))
+        except OSError:
+            out.append([href, -1, -1])
+            continue
+        out.append([href, st.st_size, st.st_mtime_ns])
+    return sorted(out)
+
+
 def item_digest(item: Mapping[str, Any] | None) -> str | None:
-    """sha256 hex of an item's canonical JSON (None for a missing item): computed once per item, not per tile."""
+    """sha256 hex of what a chip read takes from an item (None for a missing item), once per item, not per tile.
+
+    The item's canonical JSON, its collection's band profile (bands to assets, nodata, offset handling, cloud
+    mask: editable in the regions file) and the size and time of its local asset files (rewritten in place, they
+    are read again).
+    """
     if item is None:
         return None
-    text = json.dumps(item, sort_keys=True, separators=(",", ":"), default=str)
+    try:
+        profile: Any = dataclasses.asdict(profile_for(item.get("collection")))
+    except UnknownCollectionError:
+        profile = None
+    doc = {"item": item, "profile": profile, "files": _local_files(item)}
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -125,17 +153,18 @@ class ChipCache:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["meta"]).decode("utf-8"))
                 array = z["array"] if meta.get("has_array") else None
+            tile = CachedTile(array=array, item_ids=list(meta["item_ids"]), bands=list(meta["bands"]),
+                              harmonized=bool(meta["harmonized"]), processing_baseline=meta["processing_baseline"],
+                              dates=list(meta["dates"]), rejected_reason=meta.get("rejected_reason"))
         except FileNotFoundError:
             self._count(hit=False)
             return None
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exn:
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exn:
             log.warning("chip cache entry %s unreadable (%s): reading the tile again", path.name, exn)
             self._count(hit=False)
             return None
         self._count(hit=True)
-        return CachedTile(array=array, item_ids=list(meta["item_ids"]), bands=list(meta["bands"]),
-                          harmonized=bool(meta["harmonized"]), processing_baseline=meta["processing_baseline"],
-                          dates=list(meta["dates"]), rejected_reason=meta.get("rejected_reason"))
+        return tile
 
     def _count(self, *, hit: bool) -> None:
         with self._lock:

@@ -506,7 +506,7 @@ class ChipReader:
                 continue
             prefix = path[:path.index("/", 1) + 1]  # "/vsicurl/", "/vsis3/": GDAL splits the option at ":"
             try:
-                with rasterio.Env(**self.env_options, CPL_VSIL_CURL_NON_CACHED=prefix), rasterio.open(path):
+                with rasterio.Env(**{**self.env_options, "CPL_VSIL_CURL_NON_CACHED": prefix}), rasterio.open(path):
                     pass
             except (RasterioError, OSError):  # the handle was opened and closed all the same
                 log.debug("reopening %s to clear its cached bytes failed", redact_url(href))

@@ -178,6 +178,8 @@ class BuildReport:
     n_chip_reads: int = 0
     n_chip_retries: int = 0
     """Tiles read a second time after an I/O error (a connection cut mid-read, say)."""
+    n_unrecovered_tiles: int = 0
+    """Tiles whose read failed again after the retry (rejected, or short of a date): not a verdict on the data."""
     n_cached_tiles: int = 0
     """Tiles whose chips came from the chip cache (not read)."""
     n_reencoded_sv: int = 0
@@ -332,6 +334,7 @@ def build_shards_from_pairs(
                 report.dates_per_sample[len(tc.chips)] += 1
     report.n_chip_reads = chips.n_reads
     report.n_chip_retries = chips.n_retries
+    report.n_unrecovered_tiles = chips.n_unrecovered
     report.n_cached_tiles = chips.keep_cached()  # only after a build that succeeded
     report.shards = writer.info
     log.info("shards %s: %d pairs -> %d samples (dates per sample %s), %d rejected %s", name, report.n_pairs,
@@ -415,6 +418,7 @@ class ChipPrefetcher:
         self.signer, self.gdal_env, self.chip_kw = signer, gdal_env, chip_kw
         self.n_reads = 0
         self.n_retries = 0
+        self.n_unrecovered = 0
         self.cache = cache
         self.cache_keys: set[str] = set()  # of every tile asked for (pruning keeps these)
         self._settings = {**chip_kw, "max_dates": max_dates}
@@ -565,6 +569,7 @@ class ChipPrefetcher:
         tc, reads, still = self._read(self._rows[tile_id])
         self.n_reads += reads
         if still:
+            self.n_unrecovered += 1
             log.warning("tile %s: read failed again: %s", tile_id, tc.rejected_reason or "a date was lost")
         return tc
 

@@ -509,37 +509,44 @@ class ShardWriter:
         shutil.rmtree(self.staging, ignore_errors=True)
 
     def close(self) -> ShardSetInfo:
-        """Publish the set: finish the last shard, swap the shards in, remove stale ones, write the manifest.
+        """Publish the set: finish the last shard and the manifest in staging, then swap them in.
 
-        The previous set's manifest goes first (an old manifest must never describe new shards), then every
-        staged shard is renamed into place; the new manifest is written last. A crash in between leaves no
-        manifest: the set reads as absent, never as complete with mixed shards.
-
-        Returns:
-            The :class:`ShardSetInfo` of what was written.
+        Everything that needs disk space is written before the swap; the swap itself only renames: the previous
+        set's ``shards.json`` and manifest go first (an old manifest must never describe new shards), then every
+        staged shard, then the new manifest and ``shards.json`` last. A crash in between leaves no ``shards.json``:
+        the set reads as absent, never as complete with mixed shards. The staging folder is removed either way.
         """
         if self._closed:
             return self.info
-        if self._fh is not None and self._n_in_shard > 0:
-            self._publish_shard()
-        self._settle()
-        self._closed = True
-        with self.publish_lock or contextlib.nullcontext():
-            for fname in (SHARDS_JSON_NAME, MANIFEST_NAME):
-                (self.out_dir / fname).unlink(missing_ok=True)
-            for shard in self.info.shards:
-                publish(self.staging / Path(shard.path).name, shard.path)
-            written = {Path(s.path).name for s in self.info.shards}
-            for old in self.out_dir.glob(f"{self.name}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
-                if old.name not in written:
-                    log.info("removing stale shard %s from an earlier run", old)
-                    old.unlink()
-            shutil.rmtree(self.staging, ignore_errors=True)
+        try:
+            if self._fh is not None and self._n_in_shard > 0:
+                self._publish_shard()
+            self._settle()
+            self._closed = True
             if self.write_manifest:
-                self._write_manifest()
+                self._write_manifest(self.staging)
+            with self.publish_lock or contextlib.nullcontext():
+                for fname in (SHARDS_JSON_NAME, MANIFEST_NAME):
+                    (self.out_dir / fname).unlink(missing_ok=True)
+                for shard in self.info.shards:
+                    publish(self.staging / Path(shard.path).name, shard.path)
+                written = {Path(s.path).name for s in self.info.shards}
+                for old in self.out_dir.glob(f"{self.name}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+                    if old.name not in written:
+                        log.info("removing stale shard %s from an earlier run", old)
+                        old.unlink()
+                if self.write_manifest:
+                    for fname in (MANIFEST_NAME, SHARDS_JSON_NAME):  # shards.json last: the set is complete
+                        publish(self.staging / fname, self.out_dir / fname)
+                    self.info.manifest_path = str(self.out_dir / MANIFEST_NAME)
+                    self.info.shards_json_path = str(self.out_dir / SHARDS_JSON_NAME)
+        finally:
+            self._closed = True
+            shutil.rmtree(self.staging, ignore_errors=True)
         return self.info
 
-    def _write_manifest(self) -> None:
+    def _write_manifest(self, folder: Path) -> None:
+        """Write ``manifest.parquet`` and ``shards.json`` of the set into ``folder``."""
         self.info.batch_diversity = batch_diversity([(str(r["key"]), r.get("tile_id")) for r in self._rows])
         shards_doc = {
             "format_version": FORMAT_VERSION,
@@ -554,12 +561,8 @@ class ShardWriter:
                 for s in self.info.shards
             ],
         }
-        manifest = self.out_dir / MANIFEST_NAME
-        write_manifest_parquet(self._rows, manifest)
-        shards_json = self.out_dir / SHARDS_JSON_NAME
-        atomic_write_text(shards_json, json.dumps(shards_doc, indent=2, sort_keys=True) + "\n")
-        self.info.manifest_path = str(manifest)
-        self.info.shards_json_path = str(shards_json)
+        write_manifest_parquet(self._rows, folder / MANIFEST_NAME)
+        atomic_write_text(folder / SHARDS_JSON_NAME, json.dumps(shards_doc, indent=2, sort_keys=True) + "\n")
 
 
 BATCH_DIVERSITY_SIZE = 256

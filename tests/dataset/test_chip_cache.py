@@ -96,3 +96,36 @@ def test_a_cache_that_cannot_be_written_does_not_fail_the_build(patch: Path, sha
     blocked.write_text("a file where the cache folder should be")
     rep = _build(pairs, items, tmp_path / "out", ChipCache(blocked))
     assert rep.n_written == 1 and rep.n_chip_reads == 1 and rep.n_cached_tiles == 0
+
+
+def test_item_digest_follows_the_band_profile_and_local_files(patch: Path, tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    from gair_dataset.bands import BandProfile, clear_user_profiles, register_profile
+
+    local = tmp_path / "p.tif"
+    shutil.copy(patch, local)
+    item = {**_item("a", local), "collection": "my-tiles"}
+    before = item_digest(item)
+    try:
+        register_profile(BandProfile("my-tiles", ("B02", "B03")))  # declared in the regions file
+        with_profile = item_digest(item)
+        register_profile(BandProfile("my-tiles", ("B02", "B03"), nodata=65535))  # the profile edited
+        assert len({before, with_profile, item_digest(item)}) == 3
+    finally:
+        clear_user_profiles()
+    assert item_digest(item) == before
+    os.utime(local, ns=(1, 1))  # the local raster rewritten in place (here: only its time)
+    assert item_digest(item) != before
+
+
+def test_a_tile_whose_read_fails_twice_is_counted_unrecovered(patch: Path, shared_data: Path,
+                                                              tmp_path: Path) -> None:
+    photos = shared_data / "streetview" / "exif_photos" / "lund"
+    items = iter_items([_item("a", patch), _item("gone", tmp_path / "missing.tif")])
+    pairs = [_pair("sv0", "t0", patch, 0, 0, str(photos / "01.jpg"), ["a"]),
+             _pair("sv1", "t1", patch, 20, 20, str(photos / "02.jpg"), ["gone"])]
+    rep = _build(pairs, items, tmp_path / "out", ChipCache(tmp_path / "cache"))
+    assert rep.n_written == 1 and rep.n_chip_retries == 1 and rep.n_unrecovered_tiles == 1
+    assert len(ChipCache(tmp_path / "cache").keys()) == 1  # the failed tile is not cached

@@ -300,3 +300,22 @@ def test_rebuild_waits_for_readers_before_swapping_the_set_in(tmp_path: Path) ->
     assert read_shards_json(out)["n_samples"] == 12 and sorted(p.name for p in out.glob("*.tar")) == \
         ["s-000000.tar", "s-000001.tar"]
     assert lock_free(lock) and not list(out.glob(f"{STAGING_DIRNAME}*"))
+
+
+def test_a_swap_that_cannot_start_keeps_the_previous_set_and_removes_staging(tmp_path: Path) -> None:
+    import contextlib
+
+    write_shards(_samples(30), tmp_path, name="s", samples_per_shard=10)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+
+    @contextlib.contextmanager
+    def full_disk():
+        raise OSError(28, "No space left on device")
+        yield  # pragma: no cover
+
+    with pytest.raises(OSError, match="No space"):
+        with ShardWriter(tmp_path, name="s", samples_per_shard=10, publish_lock=full_disk()) as w:
+            for s in _samples(12, seed=1):
+                w.write(s.key, s.rs, s.sv_jpeg, s.meta)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert not list(tmp_path.glob(f"{STAGING_DIRNAME}*"))

@@ -1,11 +1,13 @@
 """WebDataset shards of (RS chip, SV image, location) samples, per region partition."""
 
+import dataclasses
 import errno
 import io
 import json
 import tarfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import dagster as dg
 import numpy as np
@@ -14,6 +16,7 @@ from PIL import Image
 
 from gair_dataset import object_store
 from gair_dataset.atomic import atomic_write_json
+from gair_dataset.bands import UnknownCollectionError, profile_for
 from gair_dataset.chip_cache import ChipCache
 from gair_dataset.contract import KEY_PATTERN, MANIFEST_NAME, MEMBER_SUFFIXES, SHARDS_JSON_NAME, decode_npy, rs_dates
 from gair_dataset.samples import DEFAULT_INTERLEAVE_TILES, build_shards_from_pairs, iter_items
@@ -90,12 +93,24 @@ def shards_versions(config: ShardsConfig, region: RegionConfig, data_root: DataR
     the same shards, byte for byte, whenever they are built).
     """
     settings = {k: v for k, v in config.model_dump().items() if k not in _NEUTRAL_SHARD_SETTINGS}
+    settings["band_profiles"] = band_profiles(region.collections)  # edited in the regions file: chips change
     upstream = upstream_versions(data_root, region.name, ["stac", "tiles", "streetview", "pairs"])
     files = [data_root.stage_dir(stage, region.name) / name for stage, name in
              (("stac", "items.json"), ("tiles", "tiles.parquet"), ("streetview", "points.parquet"),
               ("pairs", "pairs.parquet"))]
     return (input_version("shards", region, upstream, settings, files=files),
             input_version("shards", region, upstream, settings))
+
+
+def band_profiles(collections: Iterable[str]) -> dict[str, Any]:
+    """The band profile of each collection (None for one without), as plain data for a version hash."""
+    out: dict[str, Any] = {}
+    for c in sorted(collections):
+        try:
+            out[c] = dataclasses.asdict(profile_for(c))
+        except UnknownCollectionError:
+            out[c] = None
+    return out
 
 
 def shard_files(out: Path) -> list[Path]:
@@ -173,6 +188,11 @@ def _shards(context: dg.AssetExecutionContext, config: ShardsConfig, raster_acce
              "panorama_crops": report.n_panorama_crops, "path": str(out),
              "dates_per_sample": {str(k): v for k, v in sorted(report.dates_per_sample.items())},
              "batch_diversity": shard_set.batch_diversity}
+    if report.n_unrecovered_tiles:  # read errors are no verdict on the data: the next run must not skip the step
+        stats["unrecovered_tiles"] = report.n_unrecovered_tiles
+        context.log.warning("%d tile(s) lost to read errors that a retry did not fix: the next run reads the region "
+                            "again", report.n_unrecovered_tiles)
+        version = f"{version}:incomplete"
     published = _publish(context, config, out, region.name)  # before the stats: a failed publish is retried whole
     data_root.write_stats("shards", region.name, built(stats, version, data_version))
     context.log.info("%d samples in %d shards (%.1f MB), %d rejected %s; %d chip reads, %d tiles from the chip cache",
