@@ -11,6 +11,8 @@ import it.
   :func:`atomic_write_json` are the one-call forms.
 * :func:`file_lock` is an advisory ``fcntl.flock`` lock (exclusive, or shared for readers) on a lock file; the
   pipelines hold one per region partition while a region asset writes (``pipelines.common.storage``).
+* :func:`rw_file_lock` is the same with a gate that lets a waiting writer in before later readers (the published
+  shard sets: read for hours, swapped at the end of a rebuild).
 """
 
 from __future__ import annotations
@@ -176,6 +178,28 @@ def file_lock(path: str | os.PathLike[str], *, shared: bool = False) -> Iterator
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            yield path
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def rw_file_lock(path: str | os.PathLike[str], *, shared: bool = False) -> Iterator[Path]:
+    """A readers-writer :func:`file_lock` on ``path`` that does not let readers starve a waiting writer.
+
+    Linux ``flock`` grants a shared lock whenever other shared holders have it, even while an exclusive request
+    waits: readers that keep overlapping (training, then evaluation, then an ablation) would keep a writer waiting
+    for ever. Here every taker first passes a gate (an exclusive lock on ``<path>.gate``, held only while taking
+    ``path``); a writer keeps the gate while it waits, so readers arriving after it queue behind it, and the
+    readers already in finish. Callers that hold several of these must take them in one order (sorted) to stay
+    free of deadlocks.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as fh:
+        with file_lock(path.with_name(path.name + ".gate")):
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield path
         finally:

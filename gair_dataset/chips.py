@@ -459,7 +459,11 @@ class ChipReader:
             return self._open[href]
         self._drop(href)
         path = to_gdal_path(self._sign(href))
-        entry = _OpenDataset(rasterio.open(path), _local_identity(path))
+        identity = _local_identity(path)
+        ds = rasterio.open(path)
+        if identity is not None and _local_identity(path) != identity:
+            identity = None  # replaced while being opened: which version is open is unknown, so nothing is cached
+        entry = _OpenDataset(ds, identity)
         self._open[href] = entry
         while len(self._open) > self.max_open:
             self._drop(next(iter(self._open)))

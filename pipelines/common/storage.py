@@ -14,7 +14,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from gair_dataset.atomic import atomic_write_json, file_lock, lock_free
+from gair_dataset.atomic import atomic_write_json, file_lock, lock_free, rw_file_lock
 from gair_dataset.sample_region import ensure_sample
 from pipelines.config import data_root
 
@@ -82,13 +82,14 @@ class DataRoot(dg.ConfigurableResource):
 
         Apart from :meth:`region_lock`: training and evaluation read the shards for hours, and a refresh of the
         region meanwhile does all its work (new chips, staged shards) and only waits, at the end, to swap its new
-        set in; readers never see shards replaced under them.
+        set in; readers never see shards replaced under them. A waiting swap goes before readers that arrive after it
+        (:func:`~gair_dataset.atomic.rw_file_lock`), so overlapping training and evaluation runs cannot keep it out.
         """
         path = self.path / ".locks" / f"{region}.shards.lock"
         if not shared and log is not None and not lock_free(path):
             log.info(f"region {region}: waiting for the runs reading its shard set (training, evaluation) to finish "
                      "before the new set replaces it")
-        with file_lock(path, shared=shared):
+        with rw_file_lock(path, shared=shared):
             yield
 
     def read_stats(self, stage: str, region: str) -> dict | None:

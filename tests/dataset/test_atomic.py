@@ -17,6 +17,8 @@ from gair_dataset.atomic import (
     atomic_write_json,
     atomic_write_text,
     file_lock,
+    lock_free,
+    rw_file_lock,
     temp_path,
 )
 from gair_dataset.shards import STAGING_DIRNAME, ShardWriter, remove_stale_staging, staging_dirname
@@ -108,6 +110,36 @@ def test_file_lock_serialises_processes(tmp_path: Path) -> None:
     p.join()
     assert got - held_at >= 0.45
     with file_lock(lock, shared=True), file_lock(lock, shared=True):  # readers share it
+        pass
+
+
+def test_rw_file_lock_lets_a_waiting_writer_in_before_later_readers(tmp_path: Path) -> None:
+    lock = tmp_path / "locks" / "r.shards.lock"
+    gate = lock.with_name(lock.name + ".gate")
+    events: list[str] = []
+
+    def take(name: str, shared: bool, hold_s: float) -> None:
+        with rw_file_lock(lock, shared=shared):
+            events.append(name)
+            time.sleep(hold_s)
+
+    with rw_file_lock(lock, shared=True):  # a training run reads the set
+        writer = threading.Thread(target=take, args=("writer", False, 0.2))
+        writer.start()
+        deadline = time.monotonic() + 30
+        while lock_free(gate) and time.monotonic() < deadline:  # the rebuild now waits to swap its set in
+            time.sleep(0.01)
+        assert not lock_free(gate)
+        reader = threading.Thread(target=take, args=("later reader", True, 0.0))
+        reader.start()
+        time.sleep(0.3)
+        # Plain flock would have let the later reader in beside the first: the writer would still be waiting.
+        assert events == []
+        events.append("first reader done")
+    writer.join(30)
+    reader.join(30)
+    assert events == ["first reader done", "writer", "later reader"]
+    with rw_file_lock(lock, shared=True), rw_file_lock(lock, shared=True):  # readers still share it
         pass
 
 

@@ -26,6 +26,7 @@ from gair_dataset.streetview_points import with_provenance
 from pipelines.common.incremental import (
     CODE_VERSIONS,
     built,
+    file_signatures,
     input_version,
     skipped,
     unchanged_stats,
@@ -306,11 +307,6 @@ def shards_readable_and_complete(context: dg.AssetCheckExecutionContext,
 
 def _file_signatures(out: Path, doc: dict) -> dict[str, list[int]]:
     """``{file: [size, mtime_ns]}`` of a shard set's listed files, manifest and shards.json (-1: missing)."""
-    sigs = {}
-    for name in [SHARDS_JSON_NAME, MANIFEST_NAME, *(s["path"] for s in doc["shards"])]:
-        try:
-            st = (out / name).stat()
-            sigs[name] = [st.st_size, st.st_mtime_ns]
-        except OSError:
-            sigs[name] = [-1, -1]
-    return sigs
+    names = [SHARDS_JSON_NAME, MANIFEST_NAME, *(s["path"] for s in doc["shards"])]
+    sigs = file_signatures(out / n for n in names)
+    return {name: [size, mtime] for name, (_, size, mtime) in zip(names, sigs, strict=True)}
