@@ -151,9 +151,8 @@ def atomic_write_json(final: str | os.PathLike[str], obj: Any, *, fsync: bool = 
     return atomic_write_text(final, json.dumps(obj, **dumps), fsync=fsync)
 
 
-
 def lock_free(path: str | os.PathLike[str]) -> bool:
-    """Whether :func:`file_lock` would get ``path`` exclusively now (no one holds it); a snapshot, for messages."""
+    """Whether :func:`file_lock` would get ``path`` exclusively now (no one holds it); a snapshot, for tests."""
     try:
         with open(path, "rb") as fh:
             try:
@@ -166,18 +165,30 @@ def lock_free(path: str | os.PathLike[str]) -> bool:
         return True
 
 
+def _flock(fd: int, mode: int, on_wait: Callable[[], None] | None) -> None:
+    """``flock(fd, mode)``, calling ``on_wait()`` first when it would block (to say so in a log)."""
+    if on_wait is not None:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            on_wait()
+    fcntl.flock(fd, mode)
+
+
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike[str], *, shared: bool = False) -> Iterator[Path]:
+def file_lock(path: str | os.PathLike[str], *, shared: bool = False,
+              on_wait: Callable[[], None] | None = None) -> Iterator[Path]:
     """Hold an advisory ``flock`` on ``path`` (created with its folder) for the block.
 
     Exclusive by default (one writer); ``shared=True`` lets readers hold it together while no writer does. The lock
     goes with the open file: it is released when the block ends, and by the OS when the process dies, so a crashed
-    run never leaves a region locked. Blocks until granted.
+    run never leaves a region locked. Blocks until granted; ``on_wait`` is called once before blocking.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        _flock(fh.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX, on_wait)
         try:
             yield path
         finally:
@@ -185,7 +196,8 @@ def file_lock(path: str | os.PathLike[str], *, shared: bool = False) -> Iterator
 
 
 @contextlib.contextmanager
-def rw_file_lock(path: str | os.PathLike[str], *, shared: bool = False) -> Iterator[Path]:
+def rw_file_lock(path: str | os.PathLike[str], *, shared: bool = False,
+                 on_wait: Callable[[], None] | None = None) -> Iterator[Path]:
     """A readers-writer :func:`file_lock` on ``path`` that does not let readers starve a waiting writer.
 
     Linux ``flock`` grants a shared lock whenever other shared holders have it, even while an exclusive request
@@ -193,13 +205,20 @@ def rw_file_lock(path: str | os.PathLike[str], *, shared: bool = False) -> Itera
     for ever. Here every taker first passes a gate (an exclusive lock on ``<path>.gate``, held only while taking
     ``path``); a writer keeps the gate while it waits, so readers arriving after it queue behind it, and the
     readers already in finish. Callers that hold several of these must take them in one order (sorted) to stay
-    free of deadlocks.
+    free of deadlocks. ``on_wait`` is called at most once, before blocking at the gate or at the lock.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    waits: list[bool] = []
+
+    def once() -> None:
+        if on_wait is not None and not waits:
+            waits.append(True)
+            on_wait()
+
     with open(path, "a+b") as fh:
-        with file_lock(path.with_name(path.name + ".gate")):
-            fcntl.flock(fh.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        with file_lock(path.with_name(path.name + ".gate"), on_wait=once):
+            _flock(fh.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX, once)
         try:
             yield path
         finally:

@@ -14,7 +14,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from gair_dataset.atomic import atomic_write_json, file_lock, lock_free, rw_file_lock
+from gair_dataset.atomic import atomic_write_json, file_lock, rw_file_lock
 from gair_dataset.sample_region import ensure_sample
 from pipelines.config import data_root
 
@@ -86,10 +86,13 @@ class DataRoot(dg.ConfigurableResource):
         (:func:`~gair_dataset.atomic.rw_file_lock`), so overlapping training and evaluation runs cannot keep it out.
         """
         path = self.path / ".locks" / f"{region}.shards.lock"
-        if not shared and log is not None and not lock_free(path):
-            log.info(f"region {region}: waiting for the runs reading its shard set (training, evaluation) to finish "
-                     "before the new set replaces it")
-        with rw_file_lock(path, shared=shared):
+
+        def say_waiting() -> None:
+            if not shared and log is not None:
+                log.info(f"region {region}: waiting for the runs reading its shard set (training, evaluation) to "
+                         "finish before the new set replaces it")
+
+        with rw_file_lock(path, shared=shared, on_wait=say_waiting):
             yield
 
     def read_stats(self, stage: str, region: str) -> dict | None:

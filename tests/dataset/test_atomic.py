@@ -117,9 +117,10 @@ def test_rw_file_lock_lets_a_waiting_writer_in_before_later_readers(tmp_path: Pa
     lock = tmp_path / "locks" / "r.shards.lock"
     gate = lock.with_name(lock.name + ".gate")
     events: list[str] = []
+    waited: list[str] = []
 
     def take(name: str, shared: bool, hold_s: float) -> None:
-        with rw_file_lock(lock, shared=shared):
+        with rw_file_lock(lock, shared=shared, on_wait=lambda: waited.append(name)):
             events.append(name)
             time.sleep(hold_s)
 
@@ -139,8 +140,10 @@ def test_rw_file_lock_lets_a_waiting_writer_in_before_later_readers(tmp_path: Pa
     writer.join(30)
     reader.join(30)
     assert events == ["first reader done", "writer", "later reader"]
-    with rw_file_lock(lock, shared=True), rw_file_lock(lock, shared=True):  # readers still share it
-        pass
+    assert waited == ["writer", "later reader"]  # each told once that it had to wait
+    with rw_file_lock(lock, shared=True, on_wait=lambda: waited.append("x")), rw_file_lock(lock, shared=True):
+        pass  # readers still share it, without waiting
+    assert waited == ["writer", "later reader"]
 
 
 def test_each_writer_stages_apart_and_keeps_live_staging(tmp_path: Path) -> None:

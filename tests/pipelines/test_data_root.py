@@ -133,3 +133,32 @@ def test_held_shard_sets_hold_every_region_until_the_block_ends(tmp_path, monkey
     with pytest.raises(dg.Failure, match="materialize `shards` first"):
         with held_shard_sets(DataRoot(root=str(tmp_path / "empty"))):
             pass
+
+
+def test_a_swap_that_must_wait_for_readers_says_so(tmp_path):
+    import threading
+
+    class Log:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def info(self, msg: str) -> None:
+            self.lines.append(msg)
+
+    root, log = DataRoot(root=str(tmp_path)), Log()
+    with root.shard_set_lock("r", log=log):  # nobody reads the set: no message
+        pass
+    assert log.lines == []
+    swapped = threading.Event()
+
+    def swap() -> None:
+        with root.shard_set_lock("r", log=log):
+            swapped.set()
+
+    with root.shard_set_lock("r", shared=True):  # a training run reads it
+        t = threading.Thread(target=swap)
+        t.start()
+        assert not swapped.wait(0.3)
+    t.join(30)
+    assert swapped.is_set()
+    assert len(log.lines) == 1 and "waiting for the runs reading its shard set" in log.lines[0]
