@@ -326,14 +326,17 @@ mask flags (about 30 us per open) and comparing its CRS again."""
 
 
 def _local_identity(path: str) -> tuple[Any, ...] | None:
-    """``(path, device, inode, size, mtime)`` of a local file, None for remote paths (or a failed ``stat``)."""
+    """``(path, device, inode, size, mtime, ctime)`` of a local file, None for remote paths (or a failed ``stat``).
+
+    The change time moves on any rewrite or rename onto the path, even one that restores the mtime.
+    """
     if path.startswith("/vsi") or "://" in path:
         return None
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class _OpenDataset:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -414,3 +415,17 @@ def test_a_local_raster_rewritten_in_place_is_asked_again(tmp_path: Path) -> Non
         second = reader.read(item, tile, **kw)
     assert second.ok and second.nodata_fraction == pytest.approx(0.5)  # the new file's mask is honoured
     assert second.array[0, 0, 0] == 700 and second.array[0, 0, 31] == 0
+    # Rewritten again to the same size with its mtime put back (a copy tool keeping times): the change time differs.
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.full((1, 32, 32), 800, np.uint16))
+    with ChipReader() as reader:
+        assert reader.read(item, tile, **kw).array[0, 0, 0] == 800  # these facts are now remembered
+    before = os.stat(path)
+    with rasterio.open(path, "w", **{**profile, "crs": "EPSG:32634"}) as dst:  # same size, another CRS
+        dst.write(np.full((1, 32, 32), 900, np.uint16))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    with ChipReader() as reader:
+        third = reader.read(item, tile, **kw)
+    assert not (third.ok and third.array[0, 0, 0] == 900)  # the other CRS is seen: no longer read as-is
