@@ -54,7 +54,8 @@ def test_stac_faults_recover_to_the_clean_outputs(tally, kind):
 def test_expired_signature_is_re_signed(tally):
     r = _survived(tally, "raster_403_expired")
     assert r["outcome"] == "recovered"
-    assert r["details"]["answers_403"] >= 1 and r["details"]["tokens_issued"] >= 2
+    # Each refused read re-signs once; how many threads got a 403 before the first new token depends on timing.
+    assert 1 <= r["details"]["tokens_issued"] <= r["details"]["answers_403"]
 
 
 @pytest.mark.slow

@@ -118,7 +118,7 @@ def stac_api(tmp_path_factory):
         proc.terminate()
         try:
             proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # seen once in a full run: SIGTERM starts a graceful shutdown that hung
+        except subprocess.TimeoutExpired:  # seen once: the server had inherited an ignored SIGTERM from the run
             proc.kill()
             proc.wait(timeout=10)
 
