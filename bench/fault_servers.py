@@ -8,7 +8,9 @@
   out such tokens (like the Planetary Computer's SAS API). Faults: :meth:`FaultyRasterServer.expire_tokens` (every
   token issued so far is expired: 403 until re-signed with a fresh token), :meth:`FaultyRasterServer.cut_next`
   (the next range answers stop mid-body and drop the connection) and :meth:`FaultyRasterServer.hold_reads` (reads
-  wait until released, so a test can act while a build is in the middle of its shards step).
+  wait until released, so a test can act while a build is in the middle of its shards step). Not a fault:
+  ``latency_s`` (default 0) delays every file answer, like an object store's time to first byte
+  (``bench/refresh_bench.py``), and ``state.range_bytes_served`` counts the bytes of range answers.
 * :class:`LoopbackSigner`: the client side of ``/token``: caches one token per token URL for the process (as
   ``planetary_computer`` does) and drops it on ``refresh`` (what the chip reader calls after a 403).
 
@@ -235,6 +237,11 @@ class RasterServerState:
     held: threading.Event = field(default_factory=threading.Event)  # set when a read starts waiting
     log: list[tuple[str, int, str]] = field(default_factory=list)  # (path, status, note)
     tokens_issued: int = 0
+    latency_s: float = 0.0  # waited before answering each file read (an object store's time to first byte)
+    # Body bytes of range answers (206; a cut answer counts what was sent). Whole-file answers (200) are not counted:
+    # GDAL asks for one without a Range header to learn a file's size (CPL_VSIL_CURL_USE_HEAD=NO) and reads only
+    # its headers before dropping the connection.
+    range_bytes_served: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def now(self) -> datetime:
@@ -276,6 +283,9 @@ class _RasterHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
+        if status == 206:
+            with self.state.lock:
+                self.state.range_bytes_served += len(body) // 2 if cut else len(body)
         if cut:  # half the promised bytes, then the connection is reset (RST, as a dropped link or proxy does)
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
@@ -314,6 +324,8 @@ class _RasterHandler(BaseHTTPRequestHandler):
         if self.state.hold is not None:
             self.state.held.set()
             self.state.hold.wait(MAX_HOLD_S)
+        if self.state.latency_s > 0:
+            time.sleep(self.state.latency_s)
         file = self.state.root / Path(parts.path).name
         if not file.is_file():
             self._finish(404, b"not found")
@@ -343,9 +355,15 @@ class _RasterHandler(BaseHTTPRequestHandler):
 class FaultyRasterServer:
     """Serves the files of ``root`` with range requests and SAS-style tokens on 127.0.0.1 (a context manager)."""
 
-    def __init__(self, root: Path) -> None:
-        """Prepare a server for the files of ``root`` (started by ``__enter__``)."""
-        self.state = RasterServerState(root=root)
+    def __init__(self, root: Path, latency_s: float = 0.0) -> None:
+        """Prepare a server for the files of ``root`` (started by ``__enter__``).
+
+        Args:
+            root: The folder whose files are served (by file name: ``<url>/<any path>/<name>``).
+            latency_s: Seconds waited before answering each file read (not ``/token``); ``state.latency_s``
+                may be changed while the server runs.
+        """
+        self.state = RasterServerState(root=root, latency_s=latency_s)
         self._server = _RasterServer(self.state)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
