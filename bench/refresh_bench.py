@@ -100,10 +100,6 @@ def _expect(ok: bool, message: str) -> None:
         raise RuntimeError(message)
 
 
-def _median(values: list[float]) -> float:
-    return float(statistics.median(values))
-
-
 # -- local rasters -------------------------------------------------------------------------------------------
 
 
@@ -417,7 +413,7 @@ def _remote_summary(latency_ms: float, runs: dict[str, list[dict[str, Any]]]) ->
     """Medians, rounds, ratios and counters of one latency's rounds (``runs``: full, cached, uncached)."""
     names = {"full": "full_build_s", "cached": "points_changed_cached_s", "uncached": "points_changed_uncached_s"}
     rounds = {names[k]: [round(b["seconds"], 3) for b in v] for k, v in runs.items()}
-    med = {k: _median(v) for k, v in rounds.items()}
+    med = {k: statistics.median(v) for k, v in rounds.items()}
     ratios = {"cached_vs_full_build": med["points_changed_cached_s"] / med["full_build_s"],
               "uncached_vs_full_build": med["points_changed_uncached_s"] / med["full_build_s"],
               "cached_vs_uncached": med["points_changed_cached_s"] / med["points_changed_uncached_s"]}
@@ -425,7 +421,7 @@ def _remote_summary(latency_ms: float, runs: dict[str, list[dict[str, Any]]]) ->
     summary = {
         "latency_ms_injected": latency_ms, "medians": med, "rounds": rounds, "ratios": ratios,
         "saved_by_cache_s": med["points_changed_uncached_s"] - med["points_changed_cached_s"],
-        "shards_step_s": {k: {"median": _median([b["shards_step_s"] for b in v]),
+        "shards_step_s": {k: {"median": statistics.median([b["shards_step_s"] for b in v]),
                               "rounds": [round(b["shards_step_s"], 3) for b in v]} for k, v in runs.items()},
         "shards_stats_json": {k: {c: [b[c] for b in v] for c in counters} for k, v in runs.items()},
         "http": {k: {c: [b[c] for b in v] for c in ("range_answers", "range_mb", "whole_file_answers", "other_answers")}

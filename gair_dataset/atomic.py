@@ -208,18 +208,15 @@ def rw_file_lock(path: str | os.PathLike[str], *, shared: bool = False,
     free of deadlocks. ``on_wait`` is called at most once, before blocking at the gate or at the lock.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    waits: list[bool] = []
+    waited = False
 
     def once() -> None:
-        if on_wait is not None and not waits:
-            waits.append(True)
+        nonlocal waited
+        if on_wait is not None and not waited:
+            waited = True
             on_wait()
 
-    with open(path, "a+b") as fh:
+    with contextlib.ExitStack() as held:
         with file_lock(path.with_name(path.name + ".gate"), on_wait=once):
-            _flock(fh.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX, once)
-        try:
-            yield path
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            held.enter_context(file_lock(path, shared=shared, on_wait=once))
+        yield path

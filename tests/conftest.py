@@ -27,7 +27,7 @@ def shared_data() -> Path:
 # Passing tests' own tmp_path folders go at once (tmp_path_retention_policy = "failed" in pyproject.toml); what a
 # module made with tmp_path_factory goes when the module ends with no failure, so the suite's peak stays near its
 # largest module. A module with a failure keeps everything for inspection.
-_module_start: dict[str, tuple[int, set[str]]] = {}
+_module_start: dict[Path, tuple[int, set[str]]] = {}
 
 
 def _basetemp(item: pytest.Item) -> Path | None:
@@ -40,20 +40,18 @@ def _basetemp(item: pytest.Item) -> Path | None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Note, at a module's first test, what the temporary base folder already holds."""
-    key = item.nodeid.split("::")[0]
-    if key not in _module_start:
+    if item.path not in _module_start:
         base = _basetemp(item)
-        _module_start[key] = (item.session.testsfailed, {p.name for p in base.iterdir()} if base else set())
+        _module_start[item.path] = (item.session.testsfailed, {p.name for p in base.iterdir()} if base else set())
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> object:
     """After a module's last test (its fixtures finalised), delete the folders it made if nothing failed."""
     result = yield
-    key = item.nodeid.split("::")[0]
-    if nextitem is not None and nextitem.nodeid.split("::")[0] == key:
+    if nextitem is not None and nextitem.path == item.path:
         return result
-    failed_before, existing = _module_start.pop(key, (0, set()))
+    failed_before, existing = _module_start.pop(item.path, (0, set()))
     base = _basetemp(item)
     if base is not None and item.session.testsfailed == failed_before:
         for p in base.iterdir():
