@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
@@ -178,12 +177,11 @@ class ChipCache:
         meta = {"item_ids": tile.item_ids, "bands": tile.bands, "harmonized": tile.harmonized,
                 "processing_baseline": tile.processing_baseline, "dates": tile.dates,
                 "rejected_reason": tile.rejected_reason, "has_array": tile.array is not None}
-        buf = io.BytesIO()
-        np.savez(buf, array=tile.array if tile.array is not None else np.zeros(0, np.uint16),
-                 meta=np.frombuffer(json.dumps(meta, default=str).encode("utf-8"), dtype=np.uint8))
         self.root.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self._path(key)) as tmp:
-            tmp.write_bytes(buf.getvalue())
+        # An open file, not the temporary path: np.savez would append ".npz" to a name not ending with it.
+        with atomic_path(self._path(key)) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, array=tile.array if tile.array is not None else np.zeros(0, np.uint16),
+                     meta=np.frombuffer(json.dumps(meta, default=str).encode("utf-8"), dtype=np.uint8))
 
     def prune(self, keep: Iterable[str]) -> int:
         """Remove every entry whose key is not in ``keep``; returns how many were removed."""
