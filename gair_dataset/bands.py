@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 S2_L2A_BANDS: tuple[str, ...] = ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12")
@@ -175,6 +175,14 @@ def profile_for(collection: str | None) -> BandProfile:
             f"{', declared: ' + str(sorted(_USER_PROFILES)) if _USER_PROFILES else ''}); declare one under "
             f"'band_profiles:' in the regions file")
     return hit
+
+
+def profile_data(collection: str | None) -> dict[str, Any] | None:
+    """The collection's profile as plain data (for version and cache keys), None for a collection without one."""
+    try:
+        return asdict(profile_for(collection))
+    except UnknownCollectionError:
+        return None
 
 
 band_set_for = profile_for

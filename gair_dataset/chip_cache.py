@@ -13,7 +13,6 @@ miss (and is replaced). :meth:`ChipCache.prune` keeps only the entries a build u
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from gair_dataset.atomic import atomic_path
-from gair_dataset.bands import UnknownCollectionError, profile_for
+from gair_dataset.bands import profile_data
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +93,7 @@ def item_digest(item: Mapping[str, Any] | None) -> str | None:
     """
     if item is None:
         return None
-    try:
-        profile: Any = dataclasses.asdict(profile_for(item.get("collection")))
-    except UnknownCollectionError:
-        profile = None
-    doc = {"item": item, "profile": profile, "files": _local_files(item)}
+    doc = {"item": item, "profile": profile_data(item.get("collection")), "files": _local_files(item)}
     text = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

@@ -1,6 +1,5 @@
 """WebDataset shards of (RS chip, SV image, location) samples, per region partition."""
 
-import dataclasses
 import errno
 import io
 import json
@@ -16,7 +15,7 @@ from PIL import Image
 
 from gair_dataset import object_store
 from gair_dataset.atomic import atomic_write_json
-from gair_dataset.bands import UnknownCollectionError, profile_for
+from gair_dataset.bands import profile_data
 from gair_dataset.chip_cache import ChipCache
 from gair_dataset.contract import KEY_PATTERN, MANIFEST_NAME, MEMBER_SUFFIXES, SHARDS_JSON_NAME, decode_npy, rs_dates
 from gair_dataset.samples import DEFAULT_INTERLEAVE_TILES, build_shards_from_pairs, iter_items
@@ -105,13 +104,7 @@ def shards_versions(config: ShardsConfig, region: RegionConfig, data_root: DataR
 
 def band_profiles(collections: Iterable[str]) -> dict[str, Any]:
     """The band profile of each collection (None for one without), as plain data for a version hash."""
-    out: dict[str, Any] = {}
-    for c in sorted(collections):
-        try:
-            out[c] = dataclasses.asdict(profile_for(c))
-        except UnknownCollectionError:
-            out[c] = None
-    return out
+    return {c: profile_data(c) for c in sorted(collections)}
 
 
 def shard_files(out: Path) -> list[Path]:
