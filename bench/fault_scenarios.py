@@ -46,9 +46,10 @@ REGION_ASSETS = ("stac_items", "tile_grid", "sv_points", "pairs", "shards")
 STAGES = ("stac", "tiles", "streetview", "pairs", "shards")
 #: stats.json fields that describe the run rather than its output: timings, the incremental-build versions (hashes
 #: of what a stage was built from, which may include the data root's location) and I/O counters.
-VOLATILE_STATS = {"seconds", "input_version", "data_version", "chip_reads", "chip_retries", "cached_tiles"}
+VOLATILE_STATS = {"seconds", "input_version", "data_version", "chip_reads", "chip_retries", "chip_resigned",
+                  "cached_tiles"}
 N_POINTS = 40
-STAC_TIMEOUT_S = 2.0  # the client's timeout: a stalled answer outlasts it
+STAC_TIMEOUT_S = 5.0  # the client's timeout: a stalled answer outlasts it, a real one on a loaded machine does not
 FSIZE_LIMIT = 64 * 1024  # bytes a file may grow to in the full-disk scenario (a shard is larger)
 
 
@@ -327,9 +328,13 @@ def raster_expired(ctx: Context) -> Outcome:
     before_403, before_tokens = ctx.raster.count(403, "expired"), ctx.raster.state.tokens_issued
     run = build(root, ctx.setup.stac_url, ctx.setup.token_url)  # keeps the cached, now expired, token
     refused = ctx.raster.count(403, "expired") - before_403
+    stats_path = root / "shards" / REGION / "stats.json"
+    resigned = json.loads(stats_path.read_text()).get("chip_resigned") if stats_path.exists() else None
+    # answers_403 counts what the server refused; reads_resigned what the readers saw refused, which can be more:
+    # GDAL remembers a URL's failure, so a thread opening a URL another thread was just refused fails without asking.
     return _judge(ctx, "raster_403_expired", 1 if refused else 0, root, run,
                   "HTTP 403 (expired signature) on chip reads; the chip reader dropped the cached token and "
-                  "re-signed once", {"answers_403": refused,
+                  "re-signed once", {"answers_403": refused, "reads_resigned": resigned,
                                      "tokens_issued": ctx.raster.state.tokens_issued - before_tokens})
 
 

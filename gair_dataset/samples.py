@@ -182,6 +182,8 @@ class BuildReport:
     """Tiles whose read failed again after the retry (rejected, or short of a date): not a verdict on the data."""
     n_cached_tiles: int = 0
     """Tiles whose chips came from the chip cache (not read)."""
+    n_chip_resigned: int = 0
+    """Chip reads refused with HTTP 403 (an expired or revoked signature) and re-signed with a fresh token."""
     n_reencoded_sv: int = 0
     n_panorama_crops: int = 0
     dates_per_sample: Counter[int] = field(default_factory=Counter)
@@ -334,6 +336,7 @@ def build_shards_from_pairs(
                 report.dates_per_sample[len(tc.chips)] += 1
     report.n_chip_reads = chips.n_reads
     report.n_chip_retries = chips.n_retries
+    report.n_chip_resigned = chips.n_resigned
     report.n_unrecovered_tiles = chips.n_unrecovered
     report.n_cached_tiles = chips.keep_cached()  # only after a build that succeeded
     report.shards = writer.info
@@ -449,6 +452,12 @@ class ChipPrefetcher:
             with self._lock:
                 self._readers.append(reader)
         return reader
+
+    @property
+    def n_resigned(self) -> int:
+        """Reads re-signed after an HTTP 403, over every reader thread."""
+        with self._lock:
+            return sum(r.n_resigned for r in self._readers)
 
     def _fill(self) -> None:
         while self._next < len(self.tiles) and len(self._futures) < 2 * self.workers:

@@ -54,8 +54,10 @@ def test_stac_faults_recover_to_the_clean_outputs(tally, kind):
 def test_expired_signature_is_re_signed(tally):
     r = _survived(tally, "raster_403_expired")
     assert r["outcome"] == "recovered"
-    # Each refused read re-signs once; how many threads got a 403 before the first new token depends on timing.
-    assert 1 <= r["details"]["tokens_issued"] <= r["details"]["answers_403"]
+    # A fresh token is fetched only after a reader dropped the refused one, and each refused read re-signs at most
+    # once; how many reader threads were refused before the first new token depends on timing.
+    d = r["details"]
+    assert d["answers_403"] >= 1 and 1 <= d["tokens_issued"] <= d["reads_resigned"]
 
 
 @pytest.mark.slow
