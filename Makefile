@@ -69,7 +69,7 @@ dev-stop:  ## stop every process `make dev` started (its process group: webserve
 	if [ -r /proc/$$pgid/cmdline ] && ! tr '\0' ' ' < /proc/$$pgid/cmdline | grep -q dagster; then \
 	  echo "$$f names $$pgid, which is not the UI (a stale file): left alone"; rm -f "$$f"; exit 1; fi; \
 	kill -INT -$$pgid 2>/dev/null; \
-	for i in $$(seq 1 60); do kill -0 -$$pgid 2>/dev/null || break; sleep 0.5; done; \
+	for i in $$(seq 1 180); do kill -0 -$$pgid 2>/dev/null || break; sleep 0.5; done; \
 	kill -KILL -$$pgid 2>/dev/null; rm -f "$$f"; echo "stopped make dev (process group $$pgid)"
 
 bench: install  ## benchmarks; figures go to bench/results/*.json

@@ -5,6 +5,7 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,13 @@ def test_file_lock_serialises_processes(tmp_path: Path) -> None:
         pass
 
 
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def test_rw_file_lock_lets_a_waiting_writer_in_before_later_readers(tmp_path: Path) -> None:
     lock = tmp_path / "locks" / "r.shards.lock"
     gate = lock.with_name(lock.name + ".gate")
@@ -127,13 +135,11 @@ def test_rw_file_lock_lets_a_waiting_writer_in_before_later_readers(tmp_path: Pa
     with rw_file_lock(lock, shared=True):  # a training run reads the set
         writer = threading.Thread(target=take, args=("writer", False, 0.2))
         writer.start()
-        deadline = time.monotonic() + 30
-        while lock_free(gate) and time.monotonic() < deadline:  # the rebuild now waits to swap its set in
-            time.sleep(0.01)
+        _wait_for(lambda: waited == ["writer"])  # the rebuild holds the gate and waits to swap its set in
         assert not lock_free(gate)
         reader = threading.Thread(target=take, args=("later reader", True, 0.0))
         reader.start()
-        time.sleep(0.3)
+        _wait_for(lambda: "later reader" in waited)  # queued at the gate
         # Plain flock would have let the later reader in beside the first: the writer would still be waiting.
         assert events == []
         events.append("first reader done")

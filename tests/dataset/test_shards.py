@@ -191,10 +191,13 @@ _KILL_SCRIPT = textwrap.dedent(
     import sys, time
     from gair_dataset import shards as S
     orig = S.ShardWriter.write_members
-    def slow(self, key, members):
+    written = []
+    def stuck(self, key, members):  # the writer stops for good after sample N (argv[3]): it is killed there
         orig(self, key, members)
-        time.sleep(float(sys.argv[3]))
-    S.ShardWriter.write_members = slow
+        written.append(key)
+        if len(written) == int(sys.argv[3]):
+            time.sleep(600)
+    S.ShardWriter.write_members = stuck
     from tests.synthetic_shards import write_synthetic_shards
     write_synthetic_shards(sys.argv[1], int(sys.argv[2]), rs_size=16, sv_size=16,
                            samples_per_shard=10, seed=5)
@@ -209,7 +212,7 @@ def test_sigkill_mid_rebuild_leaves_the_previous_set_intact_and_rerun_matches(tm
     old = write_synthetic_shards(out, 30, rs_size=16, sv_size=16, samples_per_shard=10, seed=9)  # published before
     old_files = {p.name: _sha(p) for p in out.iterdir() if p.is_file()}
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-c", _KILL_SCRIPT, str(out), "50", "0.02"]
+    cmd = [sys.executable, "-c", _KILL_SCRIPT, str(out), "50", "25"]  # stuck midway through the third shard
     proc = subprocess.Popen(cmd, env=env, cwd=REPO)
     deadline = time.monotonic() + 60
     try:
@@ -217,9 +220,11 @@ def test_sigkill_mid_rebuild_leaves_the_previous_set_intact_and_rerun_matches(tm
             assert proc.poll() is None, "writer finished before it could be killed"
             assert time.monotonic() < deadline
             time.sleep(0.005)
-        time.sleep(0.05)  # now midway through the third shard
+        time.sleep(0.2)  # it writes on up to its 25th sample and stays there
         os.kill(proc.pid, signal.SIGKILL)
     finally:
+        if proc.poll() is None:
+            proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     # the set published before is still there, complete and byte for byte the same

@@ -137,6 +137,7 @@ def test_held_shard_sets_hold_every_region_until_the_block_ends(tmp_path, monkey
 
 def test_a_swap_that_must_wait_for_readers_says_so(tmp_path):
     import threading
+    import time
 
     class Log:
         def __init__(self) -> None:
@@ -158,7 +159,10 @@ def test_a_swap_that_must_wait_for_readers_says_so(tmp_path):
     with root.shard_set_lock("r", shared=True):  # a training run reads it
         t = threading.Thread(target=swap)
         t.start()
-        assert not swapped.wait(0.3)
+        deadline = time.monotonic() + 30
+        while not log.lines and time.monotonic() < deadline:  # the swap found the set in use and said so
+            time.sleep(0.01)
+        assert not swapped.is_set()
     t.join(30)
     assert swapped.is_set()
     assert len(log.lines) == 1 and "waiting for the runs reading its shard set" in log.lines[0]

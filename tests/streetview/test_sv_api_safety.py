@@ -96,8 +96,8 @@ def test_redacting_filter_hides_authorization_values_and_token_params():
 @pytest.mark.parametrize("mode", ["truncate", "reset", "stall"])
 def test_broken_image_body_is_a_reject_and_the_run_goes_on(fake, tmp_path, mode):
     fake.image_modes = {"1002": mode}
-    fake.stall_s = 2.0
-    points, rejects = _run(fake, tmp_path, "mapillary", image_timeout=0.5, page_size=100)
+    fake.stall_s = 10.0  # far past the read timeout, which the healthy images must not hit on a loaded machine
+    points, rejects = _run(fake, tmp_path, "mapillary", image_timeout=2.5, page_size=100)
     assert len(points) == 10 and "mly-1002" not in set(points["sv_id"])
     row = rejects.set_index("sv_id").loc["mly-1002"]
     assert row["reason"].startswith("image download failed: ") and "interrupted" in row["reason"]

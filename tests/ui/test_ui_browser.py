@@ -89,6 +89,9 @@ def _shown_markdown_images(page, key: str) -> list[dict]:
     link.click()
     WebDriverWait(page, 30).until(ec.visibility_of_element_located(
         ("css selector", ".bp5-dialog img[src^='data:image/png;base64,']")))
+    WebDriverWait(page, 30).until(lambda p: p.execute_script(
+        "return [...document.querySelectorAll(\".bp5-dialog img[src^='data:image/png;base64,']\")]"
+        ".every(i => i.complete);"))
     imgs = page.find_elements("css selector", ".bp5-dialog img[src^='data:image/png;base64,']")
     # Decoded (complete, non-zero natural size) and laid out on the page (a non-zero box), not just present.
     return [page.execute_script(
@@ -151,8 +154,21 @@ def test_pairs_metadata_counts_and_plot(page, ui, artifacts):
 
 def test_shards_checks_passed(page, ui, artifacts):
     n_samples = len(pd.read_parquet(ui["root"] / "shards" / REGION / "manifest.parquet", columns=["key"]))
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
     _open(page, ui["url"] + "/assets/shards?view=checks", "//*[normalize-space()='Execution history']", artifacts)
-    text = " ".join(page.find_element("tag name", "body").text.split())
+    expected = [f"{c} Succeeded" for c in ("manifest_matches_samples", "shards_readable_and_complete")]
+    expected += ["Evaluation result Passed", f"manifest_rows {n_samples}", f"stats_samples {n_samples}"]
+
+    def body_text(p) -> str:
+        return " ".join(p.find_element("tag name", "body").text.split())
+
+    try:  # the check's result and metadata may arrive in a later answer than the page's header
+        WebDriverWait(page, 30).until(lambda p: all(e in body_text(p) for e in expected))
+    except TimeoutException:
+        pass  # the assertions below say what is missing
+    text = body_text(page)
     for check in ("manifest_matches_samples", "shards_readable_and_complete"):
         assert f"{check} Succeeded" in text, text[:2000]
     # The first check is open on the right: its result and its metadata, counted from the written files.
