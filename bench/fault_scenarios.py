@@ -330,8 +330,9 @@ def raster_expired(ctx: Context) -> Outcome:
     refused = ctx.raster.count(403, "expired") - before_403
     stats_path = root / "shards" / REGION / "stats.json"
     resigned = json.loads(stats_path.read_text()).get("chip_resigned") if stats_path.exists() else None
-    # answers_403 counts what the server refused; reads_resigned what the readers saw refused, which can be more:
-    # GDAL remembers a URL's failure, so a thread opening a URL another thread was just refused fails without asking.
+    # answers_403 counts what the server refused; reads_resigned what the readers saw refused, which was once more
+    # (3 fresh tokens after 2 answers: GDAL's /vsicurl/ keeps per-URL state shared between threads). Every fresh
+    # token follows a re-sign, so tokens_issued <= reads_resigned whatever the timing.
     return _judge(ctx, "raster_403_expired", 1 if refused else 0, root, run,
                   "HTTP 403 (expired signature) on chip reads; the chip reader dropped the cached token and "
                   "re-signed once", {"answers_403": refused, "reads_resigned": resigned,

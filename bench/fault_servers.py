@@ -144,8 +144,10 @@ class FaultyStacApi:
         self.items_path = folder / "stac_items.json"
         self.items_path.write_text(json.dumps({"type": "FeatureCollection", "features": items}))
         self.retry_after_s = retry_after_s
-        self.port, self.upstream_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.upstream_port = free_port()
+        self.port = 0  # the proxy's, bound when it starts (port 0: no race with another process for a free port)
+        self.url = ""
+        self.log_path = folder / "rustac.log"  # a file, not a pipe nobody drains
         self.release = threading.Event()
         self.log: list[tuple[float, str, str, str]] = []  # (monotonic time, method, path, outcome: status or fault)
         self._faults: list[str] = []
@@ -188,11 +190,14 @@ class FaultyStacApi:
         exe = shutil.which("rustac") or str(Path(sys.executable).parent / "rustac")
         if not Path(exe).exists():
             raise FileNotFoundError("the rustac executable is not installed (pip install -e '.[dev]')")
-        self._proc = subprocess.Popen(
-            [exe, "serve", "--create-collections", "--addr", self.url, "--bind", f"127.0.0.1:{self.upstream_port}",
-             str(self.items_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self._proxy = _StacProxy(self.port, self.upstream_port, self)
+        self._proxy = _StacProxy(0, self.upstream_port, self)
+        self.port = int(self._proxy.server_address[1])
+        self.url = f"http://127.0.0.1:{self.port}"
         _serve(self._proxy)
+        with open(self.log_path, "wb") as log:
+            self._proc = subprocess.Popen(
+                [exe, "serve", "--create-collections", "--addr", self.url, "--bind",
+                 f"127.0.0.1:{self.upstream_port}", str(self.items_path)], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while True:  # rustac needs a moment to load the items
             try:
@@ -203,8 +208,8 @@ class FaultyStacApi:
             except OSError:
                 pass
             if self._proc.poll() is not None or time.monotonic() > deadline:
-                out = self._proc.stdout.read().decode() if self._proc.stdout and self._proc.poll() is not None else ""
                 self.__exit__()
+                out = self.log_path.read_text(errors="replace")
                 raise RuntimeError(f"rustac serve did not start: {out[-2000:]}")
             time.sleep(0.1)
         return self
@@ -216,7 +221,11 @@ class FaultyStacApi:
             self._proxy.server_close()
         if self._proc is not None:
             self._proc.terminate()
-            self._proc.wait(timeout=10)
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # SIGTERM ignored (a disposition inherited from the parent)
+                self._proc.kill()
+                self._proc.wait(timeout=10)
 
 
 # -- raster server ----------------------------------------------------------------------------------------------
