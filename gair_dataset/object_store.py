@@ -161,6 +161,27 @@ def download_file(url: str, dest: str | os.PathLike[str]) -> Path:
     return dest
 
 
+def list_names(url: str) -> list[str]:
+    """Names of the objects and folders directly under the prefix ``url``, sorted ([] when there is none)."""
+    fs, root = filesystem(url)
+    with _errors("list", url):
+        try:
+            paths = fs.ls(root.rstrip("/"), detail=False)
+        except FileNotFoundError:
+            return []
+    return sorted({posixpath.basename(str(p).rstrip("/")) for p in paths})
+
+
+def remove_prefix(url: str) -> None:
+    """Delete every object under the prefix ``url`` (nothing there is no error)."""
+    fs, root = filesystem(url)
+    with _errors("remove", url):
+        try:
+            fs.rm(root.rstrip("/"), recursive=True)
+        except FileNotFoundError:
+            pass
+
+
 def read_shards_json(url: str) -> dict[str, Any]:
     """``shards.json`` of the shard set published at ``url``.
 

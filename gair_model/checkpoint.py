@@ -14,6 +14,11 @@ Object storage: :func:`publish_checkpoint` uploads a checkpoint's weights with t
 ``summary.json`` under a URL prefix and ``checkpoint.json`` (names, sizes, sha256) last, the commit marker
 (:func:`gair_dataset.object_store.publish_files`); :func:`fetch_checkpoint` downloads and verifies them into a
 local cache laid out as a run folder (``config.json``, ``checkpoints/step_XXXXXXXX.safetensors``).
+
+Training state on object storage (a pod whose disk does not outlive it): :func:`publish_train_state` uploads each
+checkpoint's weights, training state and ``metrics.csv`` to ``<prefix>/state/step_XXXXXXXX/`` with ``state.json``
+last, then removes older steps; :func:`fetch_train_state` downloads the newest complete one into a run's
+``checkpoints/`` folder, so that ``--resume auto`` continues there.
 """
 
 from __future__ import annotations
@@ -40,6 +45,13 @@ PUBLISHED_MARKER = "checkpoint.json"
 PUBLISHED_RUN_FILES = ("config.json", "summary.json")
 """Run files published with the weights when present (evaluation reads the train configuration)."""
 _STEP_RE = re.compile(r"^step_(\d{8})\.safetensors$")
+STATE_FOLDER = "state"
+"""Sub-prefix of a ``--publish-to`` URL that holds the published training states, one folder per step."""
+STATE_MARKER = "state.json"
+"""Commit marker of a published training state (written last)."""
+STATE_RUN_FILES = ("metrics.csv",)
+"""Run files published with a training state (a resumed run keeps the metrics of the steps before it)."""
+_STATE_DIR_RE = re.compile(r"^step_(\d{8})$")
 
 
 def atomic_write(path: str | Path, writer: Callable[[str], None]) -> Path:
@@ -252,15 +264,92 @@ def fetch_checkpoint(url: str, cache_dir: str | Path | None = None) -> Path:
     dest = Path(cache_dir or default_cache_dir()) / hashlib.sha256(marker).hexdigest()[:16]
     model_name = str(doc["model"])
     for name, info in doc["files"].items():
-        if name != Path(name).name or name in ("", ".", ".."):
-            raise object_store.ObjectStoreError(f"{object_store.public_url(url)}: bad file name {name!r} in "
-                                                f"{PUBLISHED_MARKER}")
         local = dest / "checkpoints" / name if name == model_name else dest / name
-        if local.is_file() and _sha256(local) == info["sha256"]:
-            continue
-        object_store.download_file(object_store.join(url, name), local)
-        if _sha256(local) != info["sha256"]:
-            local.unlink()
-            raise object_store.ObjectStoreError(f"{object_store.public_url(object_store.join(url, name))}: sha256 "
-                                                f"differs from {PUBLISHED_MARKER} (republished meanwhile?)")
+        _download_verified(url, name, str(info["sha256"]), local, PUBLISHED_MARKER)
     return dest / "checkpoints" / model_name
+
+
+def _download_verified(url: str, name: str, sha256: str, local: Path, marker: str) -> None:
+    """Download object ``name`` of the prefix ``url`` to ``local`` unless it is there already with ``sha256``."""
+    if name != Path(name).name or name in ("", ".", ".."):
+        raise object_store.ObjectStoreError(f"{object_store.public_url(url)}: bad file name {name!r} in {marker}")
+    if local.is_file() and _sha256(local) == sha256:
+        return
+    object_store.download_file(object_store.join(url, name), local)
+    if _sha256(local) != sha256:
+        local.unlink(missing_ok=True)
+        raise object_store.ObjectStoreError(f"{object_store.public_url(object_store.join(url, name))}: sha256 "
+                                            f"differs from {marker} (republished meanwhile?)")
+
+
+def state_url(url: str, step: int) -> str:
+    """The prefix of the training state of ``step`` published under the run prefix ``url``."""
+    return object_store.join(object_store.join(url, STATE_FOLDER), f"step_{step:08d}")
+
+
+def published_state_steps(url: str) -> list[int]:
+    """Steps with a training-state folder under the run prefix ``url`` (complete or not), ascending."""
+    names = object_store.list_names(object_store.join(url, STATE_FOLDER))
+    return sorted(int(m.group(1)) for m in map(_STATE_DIR_RE.match, names) if m)
+
+
+def publish_train_state(record: dict[str, Any], url: str, *, run_dir: str | Path | None = None,
+                        keep: int = 2) -> object_store.PublishResult:
+    """Publish a checkpoint's weights and training state to ``<url>/state/step_XXXXXXXX/``, ``state.json`` last.
+
+    The states of older steps are removed after the new one is complete, so that a reader always finds one.
+
+    Args:
+        record: A :func:`save_checkpoint` record (``step``, ``model``, ``state``).
+        url: The run's prefix (``--publish-to``); credentials from the environment.
+        run_dir: The run folder whose ``metrics.csv`` goes along (none when absent).
+        keep: Published steps kept, this one included (0 or less keeps all).
+
+    Returns:
+        What was uploaded for this step.
+    """
+    step = int(record["step"])
+    model_path, state_path = Path(record["model"]), Path(record["state"])
+    files = {model_path.name: model_path, state_path.name: state_path}
+    if run_dir is not None:
+        files.update({n: Path(run_dir) / n for n in STATE_RUN_FILES if (Path(run_dir) / n).is_file()})
+    doc = {"format_version": 1, "step": step, "model": model_path.name, "state": state_path.name,
+           "files": {name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for name, p in files.items()}}
+    result = object_store.publish_files(files, state_url(url, step), marker=STATE_MARKER,
+                                        marker_bytes=(json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    older = [s for s in published_state_steps(url) if s < step]
+    for old in older[: max(0, len(older) - (keep - 1))] if keep > 0 else []:
+        object_store.remove_prefix(state_url(url, old))
+    return result
+
+
+def fetch_train_state(url: str, ckpt_dir: str | Path, *, run_dir: str | Path | None = None) -> dict[str, Any] | None:
+    """Download the newest complete training state published under ``url`` into ``ckpt_dir``.
+
+    A step folder without ``state.json`` (a publish cut short) is passed over for the one before it. The run files
+    (``metrics.csv``) go to ``run_dir`` unless one is there already. ``latest.json`` is written last.
+
+    Returns:
+        The ``latest.json`` record (``step``, ``model``, ``state``), or ``None`` when nothing complete is published.
+
+    Raises:
+        gair_dataset.object_store.ObjectStoreError: A download failed or does not match its sha256.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    for step in reversed(published_state_steps(url)):
+        prefix = state_url(url, step)
+        try:
+            doc = json.loads(object_store.read_bytes(object_store.join(prefix, STATE_MARKER)))
+        except FileNotFoundError:
+            continue
+        model_path, state_path = checkpoint_paths(ckpt_dir, step)
+        targets = {str(doc["model"]): model_path, str(doc["state"]): state_path}
+        for name, info in doc["files"].items():
+            local = targets.get(name) or (Path(run_dir) / name if run_dir is not None else None)
+            if local is None or (name not in targets and local.exists()):
+                continue  # the run's own metrics.csv wins over the published one
+            _download_verified(prefix, name, str(info["sha256"]), local, STATE_MARKER)
+        record = {"step": step, "model": str(model_path.resolve()), "state": str(state_path.resolve())}
+        atomic_write_text(ckpt_dir / LATEST, json.dumps(record, indent=2))
+        return record
+    return None

@@ -73,7 +73,9 @@ class TrainConfig(BaseModel):
     overwrite: bool = Field(False, description="start fresh in an --out-dir holding an earlier run's checkpoints")
     publish_to: str | None = Field(None, description="URL prefix (s3://bucket/runs/name/, any fsspec URL) the final "
                                    "checkpoint, config.json and summary.json are published to at the end, "
-                                   "checkpoint.json last (credentials from the environment)")
+                                   "checkpoint.json last; every checkpoint's training state goes to "
+                                   "<prefix>/state/step_N/ (--resume auto fetches the newest when --out-dir has "
+                                   "none; credentials from the environment)")
     # --- model (GAIRConfig fields)
     embed_dim: int = _model_field("embed_dim", "shared embedding size (authors: 768)")
     rs_arch: str = _model_field("rs_arch", "RS ViT: tiny|small|base|large or a timm name")

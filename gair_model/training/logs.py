@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 import torch
 
+from gair_dataset import object_store
 from gair_model import checkpoint as ckpt
 from gair_model import distributed as gdist
 from gair_model.training.config import TrainConfig
@@ -127,12 +128,23 @@ class MetricsLog:
             self.tb.close()
 
 
-def resolve_resume(cfg: TrainConfig, ckpt_dir: Path) -> dict | None:
-    """The checkpoint record (``{"model": ..., "state": ...}``) to resume from, or None for a fresh run."""
+def resolve_resume(cfg: TrainConfig, ckpt_dir: Path, *, run_dir: Path | None = None) -> dict | None:
+    """The checkpoint record (``{"model": ..., "state": ...}``) to resume from, or None for a fresh run.
+
+    With ``--resume auto`` and no checkpoint in ``ckpt_dir``, the newest training state published under
+    ``--publish-to`` is downloaded there first (its ``metrics.csv`` into ``run_dir``, when given).
+    """
     if not cfg.resume:
         return None
     if cfg.resume == "auto":
-        return ckpt.find_latest(ckpt_dir)
+        record = ckpt.find_latest(ckpt_dir)
+        if record is None and cfg.publish_to:
+            record = ckpt.fetch_train_state(cfg.publish_to, ckpt_dir, run_dir=run_dir)
+            if run_dir is not None:  # the main rank says where the run starts
+                where = object_store.public_url(cfg.publish_to)
+                print(f"resume: step {record['step']} fetched from {where}" if record is not None
+                      else f"resume: no checkpoint in {ckpt_dir} nor under {where}: a fresh run", flush=True)
+        return record
     p = Path(cfg.resume)
     if p.is_dir():
         rec = ckpt.find_latest(p)

@@ -126,7 +126,8 @@ class _Run:
         self.queue = CoordinateQueue(cfg.queue_size).to(device)
         self.lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.blr, self.plan.effective_batch)
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.05 * self.plan.total_steps)
-        self.resume = resolve_resume(cfg, ckpt_dir)
+        # Only the main rank fetches the run files (metrics.csv) of a published state: it rewrites them.
+        self.resume = resolve_resume(cfg, ckpt_dir, run_dir=out_dir if info.is_main else None)
         if self.resume is None and not cfg.resume and ckpt.list_checkpoints(ckpt_dir):
             raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume auto to continue, "
                                   "--overwrite true to start over, or use a fresh --out-dir")
@@ -204,8 +205,18 @@ class _Run:
                           # the RS normalisation travels with the weights (evaluation needs the same)
                           "rs_stats": json.dumps(self.rs_stats) if self.rs_stats is not None else "null",
                           "preprocessing": json.dumps({"rs_resize": cfg.rs_resize, "sv_resize": cfg.sv_resize})})
+            if cfg.publish_to:  # a pod's disk may not outlive it: the state goes to object storage too
+                self.publish_state(self.last_record)
         self.last_saved = step
         gdist.barrier()
+
+    def publish_state(self, record: dict[str, Any]) -> None:
+        """Publish a checkpoint's training state under ``--publish-to``; a failed upload is a warning, not the end."""
+        try:  # the metrics are flushed before every save: metrics.csv goes along up to this step
+            ckpt.publish_train_state(record, str(self.cfg.publish_to), run_dir=self.out_dir,
+                                     keep=self.cfg.keep_checkpoints)
+        except OSError as exc:  # ObjectStoreError included; the local checkpoint is written either way
+            log.warning("step %s: training state not published (%s); training goes on", record["step"], exc)
 
     def loop(self) -> dict[str, Any]:
         """Train to the last step (or the time budget); returns the summary."""

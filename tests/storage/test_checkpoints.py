@@ -39,7 +39,8 @@ def test_train_on_s3_shards_publish_and_load_back(s3, tmp_path: Path) -> None:
     model_name = Path(summary["checkpoint"]).name
     fs, root = object_store.filesystem(run_url)
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) == sorted(
-        [model_name, "config.json", "summary.json", ckpt.PUBLISHED_MARKER])
+        [model_name, "config.json", "summary.json", ckpt.PUBLISHED_MARKER, ckpt.STATE_FOLDER])
+    assert ckpt.published_state_steps(run_url) == [2]  # the training state of the (final) checkpoint
     marker = json.loads(object_store.read_bytes(object_store.join(run_url, ckpt.PUBLISHED_MARKER)))
     assert marker["model"] == model_name and marker["step"] == 2
     assert object_store.read_bytes(object_store.join(run_url, "summary.json")) == (out / "summary.json").read_bytes()
@@ -69,3 +70,46 @@ def test_no_published_checkpoint(s3, tmp_path: Path) -> None:
     bucket = s3.new_bucket()
     with pytest.raises(FileNotFoundError, match="no checkpoint published at"):
         load_trained(f"{bucket}/runs/none/", cache_dir=tmp_path)
+
+
+def test_a_run_on_a_fresh_disk_resumes_from_the_published_state(s3, tmp_path: Path) -> None:
+    bucket = s3.new_bucket()
+    shards = tmp_path / "shards"
+    write_synthetic_shards(shards, 16, rs_size=32, sv_size=32, samples_per_shard=8, seed=0, name="region-t")
+
+    def train(out: Path, url: str, *extra: str) -> dict:
+        return main([
+            "--shards", str(shards), "--out-dir", str(out), "--publish-to", url,
+            "--rs-img-size", "32", "--sv-img-size", "32", "--batch-size", "4", "--queue-size", "16", "--lr", "2e-4",
+            "--warmup-steps", "1", "--threads", "1", "--shuffle-buffer", "8", "--save-every", "2", "--val-every",
+            "0", "--steps", "6", "--splits", "none", "--allow-test-split", "true", "--log-every", "100",
+            "--resume-data", "skip", *extra,
+        ])  # fmt: skip
+
+    full = train(tmp_path / "full", f"{bucket}/runs/full/")
+    run_url = f"{bucket}/runs/lost-pod/"
+    # A pod lost early: a time budget that is always exceeded stops the run at its first check (step 1, logged),
+    # where it checkpoints and publishes the state.
+    first = train(tmp_path / "pod1", run_url, "--max-minutes", "1e-9")
+    assert first["status"] == "time_budget" and first["steps"] == 1
+    assert ckpt.published_state_steps(run_url) == [1]
+    marker = json.loads(object_store.read_bytes(object_store.join(ckpt.state_url(run_url, 1), ckpt.STATE_MARKER)))
+    assert set(marker["files"]) == {"step_00000001.safetensors", "step_00000001.state.pt", "metrics.csv"}
+
+    # A half-published later step (no state.json: the upload was cut) is passed over.
+    fs, root = object_store.filesystem(ckpt.state_url(run_url, 4))
+    fs.pipe_file(root + "/step_00000004.safetensors", b"cut short")
+    second = train(tmp_path / "pod2", run_url, "--resume", "auto")  # a fresh disk: nothing local
+    assert second["status"] == "completed" and second["resumed_from_step"] == 1 and second["steps"] == 6
+    a, b = load_file(full["checkpoint"]), load_file(second["checkpoint"])
+    assert a.keys() == b.keys()
+    for k in a:  # the optimiser, queue, RNG and data stream continued exactly (one process, one thread)
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+    rows = (tmp_path / "pod2" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4", "5", "6"]  # step 1 came with the state
+    # Each checkpoint published its state, the two newest are kept (--keep-checkpoints 2), the cut one replaced.
+    assert ckpt.published_state_steps(run_url) == [4, 6]
+
+    # Nothing published under a prefix: --resume auto starts afresh.
+    fresh = train(tmp_path / "pod3", f"{bucket}/runs/new/", "--resume", "auto", "--steps", "2")
+    assert fresh["status"] == "completed" and fresh["resumed_from_step"] is None
