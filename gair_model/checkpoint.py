@@ -297,7 +297,9 @@ def publish_train_state(record: dict[str, Any], url: str, *, run_dir: str | Path
                         keep: int = 2) -> object_store.PublishResult:
     """Publish a checkpoint's weights and training state to ``<url>/state/step_XXXXXXXX/``, ``state.json`` last.
 
-    The states of older steps are removed after the new one is complete, so that a reader always finds one.
+    Once the new state is complete, every other step folder is removed but the newest ``keep - 1`` below this step:
+    a reader always finds a complete state, and never one of a later step that this run did not reach (a state cut
+    short, or one of an abandoned run that got further).
 
     Args:
         record: A :func:`save_checkpoint` record (``step``, ``model``, ``state``).
@@ -317,10 +319,18 @@ def publish_train_state(record: dict[str, Any], url: str, *, run_dir: str | Path
            "files": {name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for name, p in files.items()}}
     result = object_store.publish_files(files, state_url(url, step), marker=STATE_MARKER,
                                         marker_bytes=(json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
-    older = [s for s in published_state_steps(url) if s < step]
-    for old in older[: max(0, len(older) - (keep - 1))] if keep > 0 else []:
-        object_store.remove_prefix(state_url(url, old))
+    others = [s for s in published_state_steps(url) if s != step]
+    below = [s for s in others if s < step]
+    kept = below if keep <= 0 else below[max(0, len(below) - (keep - 1)):]
+    for other in others:
+        if other not in kept:
+            object_store.remove_prefix(state_url(url, other))
     return result
+
+
+def remove_published_states(url: str) -> None:
+    """Delete every training state published under the run prefix ``url`` (a run started over)."""
+    object_store.remove_prefix(object_store.join(url, STATE_FOLDER))
 
 
 def fetch_train_state(url: str, ckpt_dir: str | Path, *, run_dir: str | Path | None = None) -> dict[str, Any] | None:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from gair_dataset import object_store
 from gair_model import checkpoint as ckpt
 from gair_model import distributed as gdist
 from gair_model.loader import resolve_shards
@@ -102,6 +103,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if cfg.overwrite:
             ckpt.remove_checkpoints(ckpt_dir)
+            if cfg.publish_to:  # a later --resume auto must not find the replaced run's states
+                ckpt.remove_published_states(cfg.publish_to)
     gdist.barrier()
     try:
         return _Run(cfg, info, out_dir, ckpt_dir, t_start).loop()
@@ -131,6 +134,10 @@ class _Run:
         if self.resume is None and not cfg.resume and ckpt.list_checkpoints(ckpt_dir):
             raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume auto to continue, "
                                   "--overwrite true to start over, or use a fresh --out-dir")
+        if self.resume is None and not cfg.resume and cfg.publish_to and ckpt.published_state_steps(cfg.publish_to):
+            raise FileExistsError(f"{object_store.public_url(cfg.publish_to)} already holds the training states of a "
+                                  "run: pass --resume auto to continue it, --overwrite true to start over, or use "
+                                  "a fresh --publish-to")
         self.start_step = 0
         state: dict[str, Any] | None = None
         if self.resume is not None:

@@ -113,3 +113,47 @@ def test_a_run_on_a_fresh_disk_resumes_from_the_published_state(s3, tmp_path: Pa
     # Nothing published under a prefix: --resume auto starts afresh.
     fresh = train(tmp_path / "pod3", f"{bucket}/runs/new/", "--resume", "auto", "--steps", "2")
     assert fresh["status"] == "completed" and fresh["resumed_from_step"] is None
+
+    # A fresh run must not mix its states with another run's: refused, unless told to start over.
+    with pytest.raises(FileExistsError, match="already holds the training states of a run"):
+        train(tmp_path / "pod4", run_url, "--steps", "2")
+    over = train(tmp_path / "pod4", run_url, "--steps", "2", "--overwrite", "true")
+    assert over["status"] == "completed" and ckpt.published_state_steps(run_url) == [2]
+
+
+def _fake_checkpoint(ckpt_dir: Path, step: int) -> dict:
+    model, state = ckpt.checkpoint_paths(ckpt_dir, step)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    model.write_bytes(b"weights %d" % step)
+    state.write_bytes(b"state %d" % step)
+    return {"step": step, "model": str(model), "state": str(state)}
+
+
+@pytest.mark.parametrize(("keep", "left"), [(2, [6, 8]), (3, [4, 6, 8]), (1, [8]), (0, [2, 4, 6, 8])])
+def test_published_states_keep_the_newest_and_drop_later_steps_of_another_timeline(tmp_path, keep, left):
+    url = str(tmp_path / "bucket" / "run")  # a local folder is a prefix too
+    run = tmp_path / "run"
+    for step in (2, 4, 6, 30):
+        ckpt.publish_train_state(_fake_checkpoint(run / "checkpoints", step), url, keep=0)
+    assert ckpt.published_state_steps(url) == [2, 4, 6, 30]
+    # A run resumed from step 6 reaches 8: step 30 (beyond where this run went) is dropped, older ones per keep.
+    (run / "metrics.csv").write_text("step\n1\n")
+    ckpt.publish_train_state(_fake_checkpoint(run / "checkpoints", 8), url, run_dir=run, keep=keep)
+    assert ckpt.published_state_steps(url) == left
+    pod = tmp_path / "pod"
+    rec = ckpt.fetch_train_state(url, pod / "checkpoints", run_dir=pod)
+    assert rec is not None and rec["step"] == 8 and Path(rec["model"]).read_bytes() == b"weights 8"
+    assert (pod / "metrics.csv").read_text() == "step\n1\n"
+    assert json.loads((pod / "checkpoints" / ckpt.LATEST).read_text()) == rec
+
+
+def test_a_state_json_naming_a_path_outside_the_folder_is_refused(tmp_path):
+    url = str(tmp_path / "bucket" / "run")
+    ckpt.publish_train_state(_fake_checkpoint(tmp_path / "run" / "checkpoints", 2), url)
+    marker = Path(ckpt.state_url(url, 2)) / ckpt.STATE_MARKER
+    doc = json.loads(marker.read_text())
+    doc["files"]["../../escape.txt"] = doc["files"].pop("step_00000002.state.pt")
+    marker.write_text(json.dumps(doc))
+    with pytest.raises(object_store.ObjectStoreError, match="bad file name"):
+        ckpt.fetch_train_state(url, tmp_path / "pod" / "checkpoints", run_dir=tmp_path / "pod")
+    assert not (tmp_path / "escape.txt").exists()
