@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -39,6 +40,8 @@ from torch import nn
 
 from gair_dataset import atomic, object_store
 
+log = logging.getLogger(__name__)
+
 LATEST = "latest.json"
 PUBLISHED_MARKER = "checkpoint.json"
 """Commit marker of a published checkpoint (written last; without it the prefix holds no checkpoint)."""
@@ -49,7 +52,7 @@ STATE_FOLDER = "state"
 """Sub-prefix of a ``--publish-to`` URL that holds the published training states, one folder per step."""
 STATE_MARKER = "state.json"
 """Commit marker of a published training state (written last)."""
-STATE_RUN_FILES = ("metrics.csv",)
+STATE_RUN_FILES = ("metrics.csv", "val_metrics.csv")
 """Run files published with a training state (a resumed run keeps the metrics of the steps before it)."""
 _STATE_DIR_RE = re.compile(r"^step_(\d{8})$")
 
@@ -149,14 +152,23 @@ def save_checkpoint(
     model_path, state_path = checkpoint_paths(ckpt_dir, step)
     save_model(model, model_path, metadata)
     atomic_write(state_path, lambda tmp: torch.save({**train_state, "step": step}, tmp))
-    record = {"step": step, "model": str(model_path.resolve()), "state": str(state_path.resolve())}
+    record = _record(ckpt_dir, step)
     atomic_write_text(ckpt_dir / LATEST, json.dumps(record, indent=2))
-    if keep > 0:
-        steps = sorted(s for s in list_checkpoints(ckpt_dir) if s != step)
-        for old in steps[: max(0, len(steps) - (keep - 1))]:
-            for p in checkpoint_paths(ckpt_dir, old):
-                p.unlink(missing_ok=True)
+    for old in _to_prune(sorted(s for s in list_checkpoints(ckpt_dir) if s != step), keep):
+        for p in checkpoint_paths(ckpt_dir, old):
+            p.unlink(missing_ok=True)
     return record
+
+
+def _record(ckpt_dir: Path, step: int) -> dict[str, Any]:
+    """The ``latest.json`` record of the checkpoint at ``step`` (absolute paths)."""
+    model_path, state_path = checkpoint_paths(ckpt_dir, step)
+    return {"step": step, "model": str(model_path.resolve()), "state": str(state_path.resolve())}
+
+
+def _to_prune(others: list[int], keep: int) -> list[int]:
+    """Of the ascending ``others`` (steps besides the one just saved), those beyond the newest ``keep - 1``."""
+    return others[: max(0, len(others) - (keep - 1))] if keep > 0 else []
 
 
 def list_checkpoints(ckpt_dir: str | Path) -> list[int]:
@@ -195,10 +207,7 @@ def find_latest(ckpt_dir: str | Path) -> dict[str, Any] | None:
         except (ValueError, KeyError):
             pass
     steps = list_checkpoints(ckpt_dir)
-    if not steps:
-        return None
-    model_path, state_path = checkpoint_paths(ckpt_dir, steps[-1])
-    return {"step": steps[-1], "model": str(model_path.resolve()), "state": str(state_path.resolve())}
+    return _record(ckpt_dir, steps[-1]) if steps else None
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:
@@ -297,18 +306,22 @@ def publish_train_state(record: dict[str, Any], url: str, *, run_dir: str | Path
                         keep: int = 2) -> object_store.PublishResult:
     """Publish a checkpoint's weights and training state to ``<url>/state/step_XXXXXXXX/``, ``state.json`` last.
 
-    Once the new state is complete, every other step folder is removed but the newest ``keep - 1`` below this step:
+    Once the new state is complete, the other step folders go (each its ``state.json`` first, so that an interrupted
+    removal never leaves a marker without its files), but the newest ``keep - 1`` complete ones below this step:
     a reader always finds a complete state, and never one of a later step that this run did not reach (a state cut
     short, or one of an abandoned run that got further).
 
     Args:
         record: A :func:`save_checkpoint` record (``step``, ``model``, ``state``).
         url: The run's prefix (``--publish-to``); credentials from the environment.
-        run_dir: The run folder whose ``metrics.csv`` goes along (none when absent).
-        keep: Published steps kept, this one included (0 or less keeps all).
+        run_dir: The run folder whose :data:`STATE_RUN_FILES` go along (those present).
+        keep: Published states kept, this one included (0 or less keeps every earlier complete one).
 
     Returns:
         What was uploaded for this step.
+
+    Raises:
+        gair_dataset.object_store.ObjectStoreError: The upload failed (this step is then left without a marker).
     """
     step = int(record["step"])
     model_path, state_path = Path(record["model"]), Path(record["state"])
@@ -320,46 +333,87 @@ def publish_train_state(record: dict[str, Any], url: str, *, run_dir: str | Path
     result = object_store.publish_files(files, state_url(url, step), marker=STATE_MARKER,
                                         marker_bytes=(json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
     others = [s for s in published_state_steps(url) if s != step]
-    below = [s for s in others if s < step]
-    kept = below if keep <= 0 else below[max(0, len(below) - (keep - 1)):]
+    complete_below = [s for s in others if s < step and _state_marker_exists(url, s)]
+    kept = set(complete_below) - set(_to_prune(complete_below, keep))
     for other in others:
         if other not in kept:
-            object_store.remove_prefix(state_url(url, other))
+            remove_published_state(url, other)
     return result
+
+
+def _state_marker_exists(url: str, step: int) -> bool:
+    try:
+        object_store.read_bytes(object_store.join(state_url(url, step), STATE_MARKER))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def remove_published_state(url: str, step: int) -> None:
+    """Delete the training state of ``step`` published under ``url``: its ``state.json`` first, then the rest."""
+    prefix = state_url(url, step)
+    fs, root = object_store.filesystem(prefix)
+    try:
+        fs.rm_file(f"{root.rstrip('/')}/{STATE_MARKER}")
+    except FileNotFoundError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - reported like every object-store error, credentials masked
+        raise object_store.ObjectStoreError(f"remove {object_store.public_url(prefix)}/{STATE_MARKER} failed: "
+                                            f"{type(exc).__name__}: {object_store.redact(str(exc))}") from None
+    object_store.remove_prefix(prefix)
 
 
 def remove_published_states(url: str) -> None:
     """Delete every training state published under the run prefix ``url`` (a run started over)."""
-    object_store.remove_prefix(object_store.join(url, STATE_FOLDER))
+    for step in published_state_steps(url):
+        remove_published_state(url, step)
 
 
 def fetch_train_state(url: str, ckpt_dir: str | Path, *, run_dir: str | Path | None = None) -> dict[str, Any] | None:
     """Download the newest complete training state published under ``url`` into ``ckpt_dir``.
 
-    A step folder without ``state.json`` (a publish cut short) is passed over for the one before it. The run files
-    (``metrics.csv``) go to ``run_dir`` unless one is there already. ``latest.json`` is written last.
+    A step whose ``state.json`` is missing (a publish cut short), unreadable, or names files that are missing is
+    passed over, with a warning, for the one before it. ``state.json`` may name only the step's own weights and
+    state and :data:`STATE_RUN_FILES`; the run files go to ``run_dir`` (when given) unless one is there already.
+    ``latest.json`` is written last.
 
     Returns:
         The ``latest.json`` record (``step``, ``model``, ``state``), or ``None`` when nothing complete is published.
 
     Raises:
-        gair_dataset.object_store.ObjectStoreError: A download failed or does not match its sha256.
+        gair_dataset.object_store.ObjectStoreError: ``state.json`` names another file, a download failed, or a file
+            does not match its sha256.
     """
     ckpt_dir = Path(ckpt_dir)
     for step in reversed(published_state_steps(url)):
         prefix = state_url(url, step)
+        model_path, state_path = checkpoint_paths(ckpt_dir, step)
         try:
             doc = json.loads(object_store.read_bytes(object_store.join(prefix, STATE_MARKER)))
+            files = {str(name): str(info["sha256"]) for name, info in doc["files"].items()}
+            names = (str(doc["model"]), str(doc["state"]), int(doc["step"]))
         except FileNotFoundError:
+            continue  # no marker: the publish did not finish
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("%s: unreadable %s (%s): passed over", object_store.public_url(prefix), STATE_MARKER, exc)
             continue
-        model_path, state_path = checkpoint_paths(ckpt_dir, step)
-        targets = {str(doc["model"]): model_path, str(doc["state"]): state_path}
-        for name, info in doc["files"].items():
-            local = targets.get(name) or (Path(run_dir) / name if run_dir is not None else None)
-            if local is None or (name not in targets and local.exists()):
-                continue  # the run's own metrics.csv wins over the published one
-            _download_verified(prefix, name, str(info["sha256"]), local, STATE_MARKER)
-        record = {"step": step, "model": str(model_path.resolve()), "state": str(state_path.resolve())}
+        allowed = {model_path.name, state_path.name, *STATE_RUN_FILES}
+        if names != (model_path.name, state_path.name, step) or not set(names[:2]) <= set(files) <= allowed:
+            raise object_store.ObjectStoreError(
+                f"{object_store.public_url(prefix)}: bad file name(s) in {STATE_MARKER}: it must name "
+                f"{model_path.name} and {state_path.name} of step {step}, besides only {list(STATE_RUN_FILES)}; "
+                f"it names {sorted(files)} (step {names[2]})")
+        targets = {model_path.name: model_path, state_path.name: state_path}
+        try:
+            for name, sha256 in files.items():
+                local = targets.get(name) or (Path(run_dir) / name if run_dir is not None else None)
+                if local is None or (name in STATE_RUN_FILES and local.exists()):
+                    continue  # the run's own metrics win over the published ones
+                _download_verified(prefix, name, sha256, local, STATE_MARKER)
+        except FileNotFoundError as exc:
+            log.warning("%s: %s: passed over", object_store.public_url(prefix), exc)
+            continue
+        record = _record(ckpt_dir, step)
         atomic_write_text(ckpt_dir / LATEST, json.dumps(record, indent=2))
         return record
     return None

@@ -74,7 +74,7 @@ class TrainConfig(BaseModel):
     publish_to: str | None = Field(None, description="URL prefix (s3://bucket/runs/name/, any fsspec URL) the final "
                                    "checkpoint, config.json and summary.json are published to at the end, "
                                    "checkpoint.json last; every checkpoint's training state goes to "
-                                   "<prefix>/state/step_N/ (--resume auto fetches the newest when --out-dir has "
+                                   "<prefix>/state/step_XXXXXXXX/ (--resume auto fetches the newest when --out-dir has "
                                    "none; credentials from the environment)")
     # --- model (GAIRConfig fields)
     embed_dim: int = _model_field("embed_dim", "shared embedding size (authors: 768)")
@@ -156,8 +156,10 @@ class TrainConfig(BaseModel):
     threads: int | None = Field(None, description="torch intra-op threads")
     log_every: int = Field(10, description="print a GAIR_METRICS line every N steps")
     save_every: int = Field(500, description="checkpoint every N steps (0: only at the end)")
-    keep_checkpoints: int = Field(2, description="checkpoints kept")
-    resume: str | None = Field(None, description="'auto' (latest in --out-dir if any) or a checkpoint path")
+    keep_checkpoints: int = Field(2, description="checkpoints kept, locally and under --publish-to (0 or less: "
+                                  "all)")
+    resume: str | None = Field(None, description="'auto' (latest in --out-dir if any, else the newest state "
+                               "published under --publish-to) or a checkpoint path")
     resume_data: str = Field("reseed", description="reseed (fresh random stream: cheap) | skip (replay the "
                              "stream up to the checkpoint: exact, decodes the skipped samples again)")
     max_minutes: float | None = Field(None, description="wall-clock budget; checkpoint and stop when exceeded "

@@ -128,23 +128,41 @@ class MetricsLog:
             self.tb.close()
 
 
-def resolve_resume(cfg: TrainConfig, ckpt_dir: Path, *, run_dir: Path | None = None) -> dict | None:
-    """The checkpoint record (``{"model": ..., "state": ...}``) to resume from, or None for a fresh run.
+def fetch_published_state(cfg: TrainConfig, ckpt_dir: Path, out_dir: Path, info: gdist.DistInfo) -> None:
+    """With ``--resume auto`` and ``--publish-to``: fetch the newest published training state when rank 0 has none.
 
-    With ``--resume auto`` and no checkpoint in ``ckpt_dir``, the newest training state published under
-    ``--publish-to`` is downloaded there first (its ``metrics.csv`` into ``run_dir``, when given).
+    Rank 0's checkpoint folder decides (checkpoints are written by rank 0). When it holds no checkpoint, the first
+    process of every node downloads the newest complete state under ``--publish-to`` into ``ckpt_dir`` (nodes may
+    have disks of their own); only rank 0 takes the run files (``metrics.csv``: it rewrites them). A collective:
+    every rank calls it, and a failure on any rank is raised on all.
     """
+    if cfg.resume != "auto" or not cfg.publish_to:
+        return
+    if not gdist.all_gather_object(ckpt.find_latest(ckpt_dir) is None)[0]:
+        return
+    error, step = None, None
+    if info.local_rank == 0:
+        try:
+            record = ckpt.fetch_train_state(cfg.publish_to, ckpt_dir, run_dir=out_dir if info.is_main else None)
+            step = record["step"] if record is not None else None
+        except OSError as exc:  # ObjectStoreError included; its message has no credentials
+            error = f"rank {info.rank}: {exc}"
+    errors = [e for e in gdist.all_gather_object(error) if e]
+    if errors:
+        raise RuntimeError(f"cannot fetch the training state published under "
+                           f"{object_store.public_url(cfg.publish_to)}: {errors[0]}")
+    if info.is_main:
+        where = object_store.public_url(cfg.publish_to)
+        print(f"resume: step {step} fetched from {where}" if step is not None
+              else f"resume: no checkpoint in {ckpt_dir} nor under {where}: a fresh run", flush=True)
+
+
+def resolve_resume(cfg: TrainConfig, ckpt_dir: Path) -> dict | None:
+    """The checkpoint record (``{"model": ..., "state": ...}``) to resume from, or None for a fresh run."""
     if not cfg.resume:
         return None
     if cfg.resume == "auto":
-        record = ckpt.find_latest(ckpt_dir)
-        if record is None and cfg.publish_to:
-            record = ckpt.fetch_train_state(cfg.publish_to, ckpt_dir, run_dir=run_dir)
-            if run_dir is not None:  # the main rank says where the run starts
-                where = object_store.public_url(cfg.publish_to)
-                print(f"resume: step {record['step']} fetched from {where}" if record is not None
-                      else f"resume: no checkpoint in {ckpt_dir} nor under {where}: a fresh run", flush=True)
-        return record
+        return ckpt.find_latest(ckpt_dir)
     p = Path(cfg.resume)
     if p.is_dir():
         rec = ckpt.find_latest(p)

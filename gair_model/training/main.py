@@ -37,7 +37,7 @@ from gair_model.models.gair import GAIRModel
 from gair_model.optim import build_optimizer, build_scheduler, scaled_lr
 from gair_model.training.config import TrainConfig
 from gair_model.training.data import BatchStream, DataPlan, prefill_queue, start_stream
-from gair_model.training.logs import SUMMARY_PREFIX, MetricsLog, resolve_resume, write_run_config
+from gair_model.training.logs import SUMMARY_PREFIX, MetricsLog, fetch_published_state, resolve_resume, write_run_config
 from gair_model.training.step import StepState, train_step
 from gair_model.validation import build_validator
 
@@ -129,8 +129,12 @@ class _Run:
         self.queue = CoordinateQueue(cfg.queue_size).to(device)
         self.lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.blr, self.plan.effective_batch)
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.05 * self.plan.total_steps)
-        # Only the main rank fetches the run files (metrics.csv) of a published state: it rewrites them.
-        self.resume = resolve_resume(cfg, ckpt_dir, run_dir=out_dir if info.is_main else None)
+        fetch_published_state(cfg, ckpt_dir, out_dir, info)  # --resume auto on a fresh disk
+        self.resume = resolve_resume(cfg, ckpt_dir)
+        steps = gdist.all_gather_object(self.resume["step"] if self.resume is not None else None)
+        if len(set(steps)) > 1:
+            raise RuntimeError(f"the ranks would resume from different steps {steps}: their checkpoint folders "
+                               f"differ ({ckpt_dir} must be shared, or fetched from --publish-to on every node)")
         if self.resume is None and not cfg.resume and ckpt.list_checkpoints(ckpt_dir):
             raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume auto to continue, "
                                   "--overwrite true to start over, or use a fresh --out-dir")
@@ -223,7 +227,8 @@ class _Run:
             ckpt.publish_train_state(record, str(self.cfg.publish_to), run_dir=self.out_dir,
                                      keep=self.cfg.keep_checkpoints)
         except OSError as exc:  # ObjectStoreError included; the local checkpoint is written either way
-            log.warning("step %s: training state not published (%s); training goes on", record["step"], exc)
+            log.warning("step %s: training state not published or older states not removed (%s); training goes "
+                        "on", record["step"], exc)
 
     def loop(self) -> dict[str, Any]:
         """Train to the last step (or the time budget); returns the summary."""

@@ -109,6 +109,9 @@ def test_a_run_on_a_fresh_disk_resumes_from_the_published_state(s3, tmp_path: Pa
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4", "5", "6"]  # step 1 came with the state
     # Each checkpoint published its state, the two newest are kept (--keep-checkpoints 2), the cut one replaced.
     assert ckpt.published_state_steps(run_url) == [4, 6]
+    scratch = ckpt.fetch_train_state(run_url, tmp_path / "scratch")
+    assert scratch is not None and scratch["step"] == 6
+    assert Path(scratch["model"]).read_bytes() == Path(second["checkpoint"]).read_bytes()
 
     # Nothing published under a prefix: --resume auto starts afresh.
     fresh = train(tmp_path / "pod3", f"{bucket}/runs/new/", "--resume", "auto", "--steps", "2")
@@ -147,13 +150,56 @@ def test_published_states_keep_the_newest_and_drop_later_steps_of_another_timeli
     assert json.loads((pod / "checkpoints" / ckpt.LATEST).read_text()) == rec
 
 
-def test_a_state_json_naming_a_path_outside_the_folder_is_refused(tmp_path):
+@pytest.mark.parametrize("edit", ["outside", "extra", "no_model", "other_step"])
+def test_a_state_json_naming_other_files_is_refused(tmp_path, edit):
     url = str(tmp_path / "bucket" / "run")
     ckpt.publish_train_state(_fake_checkpoint(tmp_path / "run" / "checkpoints", 2), url)
     marker = Path(ckpt.state_url(url, 2)) / ckpt.STATE_MARKER
     doc = json.loads(marker.read_text())
-    doc["files"]["../../escape.txt"] = doc["files"].pop("step_00000002.state.pt")
+    if edit == "outside":
+        doc["files"]["../../escape.txt"] = doc["files"].pop("step_00000002.state.pt")
+        doc["state"] = "../../escape.txt"
+    elif edit == "extra":  # a plain name, but not one a training state holds
+        doc["files"]["evil.sh"] = doc["files"]["step_00000002.state.pt"]
+    elif edit == "no_model":
+        del doc["files"]["step_00000002.safetensors"]
+    else:
+        doc["step"] = 7
     marker.write_text(json.dumps(doc))
+    pod = tmp_path / "pod"
     with pytest.raises(object_store.ObjectStoreError, match="bad file name"):
-        ckpt.fetch_train_state(url, tmp_path / "pod" / "checkpoints", run_dir=tmp_path / "pod")
-    assert not (tmp_path / "escape.txt").exists()
+        ckpt.fetch_train_state(url, pod / "checkpoints", run_dir=pod)
+    assert not (tmp_path / "escape.txt").exists() and not (pod / "evil.sh").exists()
+    assert not (pod / "checkpoints" / ckpt.LATEST).exists()
+
+
+def test_a_state_with_a_missing_file_is_passed_over_for_the_one_before(tmp_path, caplog):
+    url = str(tmp_path / "bucket" / "run")
+    for step in (2, 4):
+        ckpt.publish_train_state(_fake_checkpoint(tmp_path / "run" / "checkpoints", step), url)
+    (Path(ckpt.state_url(url, 4)) / "step_00000004.state.pt").unlink()  # a removal cut short, say
+    rec = ckpt.fetch_train_state(url, tmp_path / "pod" / "checkpoints")
+    assert rec is not None and rec["step"] == 2
+    assert "step_00000004" in caplog.text and "passed over" in caplog.text
+    # Removing a state takes its marker first: a removal cut after that leaves no marker without files.
+    ckpt.remove_published_state(url, 2)
+    assert ckpt.published_state_steps(url) == [4]
+
+
+def test_a_failed_state_upload_is_a_warning_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    shards = tmp_path / "shards"
+    write_synthetic_shards(shards, 8, rs_size=32, sv_size=32, samples_per_shard=8, seed=0, name="region-t")
+
+    def refuse(*args, **kwargs):
+        raise object_store.ObjectStoreError("publish to s3://b/run/state/step_00000001 failed: ConnectTimeout")
+
+    monkeypatch.setattr(ckpt, "publish_train_state", refuse)
+    summary = main([
+        "--shards", str(shards), "--out-dir", str(tmp_path / "run"), "--publish-to", str(tmp_path / "bucket"),
+        "--rs-img-size", "32", "--sv-img-size", "32", "--batch-size", "4", "--queue-size", "16", "--lr", "2e-4",
+        "--warmup-steps", "1", "--threads", "1", "--shuffle-buffer", "8", "--save-every", "1", "--val-every",
+        "0", "--steps", "2", "--splits", "none", "--allow-test-split", "true", "--log-every", "100",
+    ])  # fmt: skip
+    assert summary["status"] == "completed" and summary["steps"] == 2
+    assert caplog.text.count("training state not published") == 2 and "ConnectTimeout" in caplog.text
+    assert json.loads((tmp_path / "bucket" / ckpt.PUBLISHED_MARKER).read_text())["step"] == 2  # the final one
