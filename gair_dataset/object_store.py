@@ -172,12 +172,32 @@ def list_names(url: str) -> list[str]:
     return sorted({posixpath.basename(str(p).rstrip("/")) for p in paths})
 
 
-def remove_prefix(url: str) -> None:
-    """Delete every object under the prefix ``url`` (nothing there is no error)."""
+def exists(url: str) -> bool:
+    """Whether an object (or a prefix holding objects) is at ``url``."""
+    fs, path = filesystem(url)
+    with _errors("look up", url):
+        return bool(fs.exists(path))
+
+
+def remove_prefix(url: str, *, marker: str | None = None) -> None:
+    """Delete every object under the prefix ``url`` (nothing there is no error).
+
+    Args:
+        url: The prefix.
+        marker: A commit marker under it (``shards.json``, ``state.json``), deleted before anything else, so that an
+            interrupted removal never leaves a marker describing files that are gone (the rule of
+            :func:`publish_files`).
+    """
     fs, root = filesystem(url)
+    root = root.rstrip("/")
     with _errors("remove", url):
         try:
-            fs.rm(root.rstrip("/"), recursive=True)
+            if marker is not None:
+                fs.rm_file(f"{root}/{marker}")
+        except FileNotFoundError:
+            pass
+        try:
+            fs.rm(root, recursive=True)
         except FileNotFoundError:
             pass
 

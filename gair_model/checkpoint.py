@@ -333,7 +333,8 @@ def publish_train_state(record: dict[str, Any], url: str, *, run_dir: str | Path
     result = object_store.publish_files(files, state_url(url, step), marker=STATE_MARKER,
                                         marker_bytes=(json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
     others = [s for s in published_state_steps(url) if s != step]
-    complete_below = [s for s in others if s < step and _state_marker_exists(url, s)]
+    complete_below = [s for s in others
+                      if s < step and object_store.exists(object_store.join(state_url(url, s), STATE_MARKER))]
     kept = set(complete_below) - set(_to_prune(complete_below, keep))
     for other in others:
         if other not in kept:
@@ -341,26 +342,9 @@ def publish_train_state(record: dict[str, Any], url: str, *, run_dir: str | Path
     return result
 
 
-def _state_marker_exists(url: str, step: int) -> bool:
-    try:
-        object_store.read_bytes(object_store.join(state_url(url, step), STATE_MARKER))
-    except FileNotFoundError:
-        return False
-    return True
-
-
 def remove_published_state(url: str, step: int) -> None:
     """Delete the training state of ``step`` published under ``url``: its ``state.json`` first, then the rest."""
-    prefix = state_url(url, step)
-    fs, root = object_store.filesystem(prefix)
-    try:
-        fs.rm_file(f"{root.rstrip('/')}/{STATE_MARKER}")
-    except FileNotFoundError:
-        pass
-    except Exception as exc:  # noqa: BLE001 - reported like every object-store error, credentials masked
-        raise object_store.ObjectStoreError(f"remove {object_store.public_url(prefix)}/{STATE_MARKER} failed: "
-                                            f"{type(exc).__name__}: {object_store.redact(str(exc))}") from None
-    object_store.remove_prefix(prefix)
+    object_store.remove_prefix(state_url(url, step), marker=STATE_MARKER)
 
 
 def remove_published_states(url: str) -> None:
